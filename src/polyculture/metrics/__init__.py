@@ -1,0 +1,1 @@
+"""Diversity metrics: lexical, semantic and attribute-level."""

@@ -1,0 +1,49 @@
+"""Semantic diversity of a set of embeddings.
+
+`semantic_diversity` follows Verbalized Sampling (Zhang et al. 2025): the mean over pairs i<j of 1 - clip(cos_ij, 0, 1),
+times 100. Negative cosines are clipped to 0 so that "unrelated" and "opposite" count the same (at most 100).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _prepared(embeddings: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Float64 rows, L2-normalised again (cheap, and guards callers that forgot), sampled down to max_rows."""
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be >= 2, got {max_rows}")
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-d array (rows x dims), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or inf")
+    if x.shape[0] > max_rows:
+        # The pairwise matrix is O(rows^2): a seeded sample keeps it bounded and the figure reproducible.
+        rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=max_rows, replace=False))
+        x = x[rows]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _mean_over_pairs(values: np.ndarray) -> float:
+    """Mean of a symmetric n x n matrix over i != j (equal to the mean over pairs i < j)."""
+    n = values.shape[0]
+    return float((values.sum() - np.trace(values)) / (n * (n - 1)))
+
+
+def semantic_diversity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
+    """100 x mean over pairs of (1 - clip(cos, 0, 1)); 0.0 for fewer than 2 rows."""
+    x = _prepared(embeddings, max_rows, seed)
+    if x.shape[0] < 2:
+        return 0.0
+    sims = np.clip(x @ x.T, 0.0, 1.0)
+    return max(0.0, 100.0 * (1.0 - _mean_over_pairs(sims)))
+
+
+def mean_pairwise_similarity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
+    """Mean cosine similarity over pairs (unclipped, in [-1, 1]); 0.0 for fewer than 2 rows."""
+    x = _prepared(embeddings, max_rows, seed)
+    if x.shape[0] < 2:
+        return 0.0
+    return _mean_over_pairs(x @ x.T)

@@ -1,0 +1,325 @@
+"""BuildSpec: the declarative description of one dataset build, loaded from YAML.
+
+Every model refuses unknown keys, so a typo is an error naming the field, never a silently ignored setting.
+`schemas/build-spec.schema.json` is generated from `BuildSpec` (see `build_spec_json_schema`); a test keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import jinja2.meta
+import jsonschema
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from polyculture.engines.models import EMBEDDED_CHAT_MODELS, EMBEDDED_EMBEDDING_MODELS, check_model_name
+
+METHOD_NAMES = ("direct", "vs_standard")
+ENGINE_NAMES = ("vllm", "transformers")
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+class SpecError(ValueError):
+    """A build spec that cannot be used; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attribute(_Strict):
+    """A categorical attribute with a target distribution over its values."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Identifier; also the prompt variable name.")
+    values: list[str] = Field(min_length=1, description="The allowed values.")
+    weights: list[float] | None = Field(
+        default=None, description="Target weights, one per value (normalised; uniform when omitted). Must be >= 0."
+    )
+    source: Literal["prompt", "field"] = Field(
+        default="prompt",
+        description="prompt: the pipeline picks the value per cell, renders it into the prompt and sets the record "
+        "field itself; field: the value is read from the record field and counted.",
+    )
+    field: str | None = Field(default=None, description="Record field holding the attribute (default: the name).")
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, values: list[str]) -> list[str]:
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:
+            raise ValueError(f"values must be distinct; repeated: {dupes}")
+        return values
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> Attribute:
+        if self.weights is None:
+            return self
+        if len(self.weights) != len(self.values):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries but values has {len(self.values)}; give one weight per value"
+            )
+        bad = [w for w in self.weights if not math.isfinite(w) or w < 0]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0; got {bad}")
+        if sum(self.weights) <= 0:
+            raise ValueError("weights must not all be 0")
+        return self
+
+    @property
+    def record_field(self) -> str:
+        return self.field or self.name
+
+    def target_distribution(self) -> dict[str, float]:
+        weights = self.weights or [1.0] * len(self.values)
+        total = float(sum(weights))
+        return {v: w / total for v, w in zip(self.values, weights, strict=True)}
+
+
+class PromptSpec(_Strict):
+    template: str = Field(min_length=1, description="Jinja2 template of the user message; attributes are variables.")
+    system: str | None = Field(default=None, description="Optional system message (Jinja2 too).")
+
+    @field_validator("template", "system")
+    @classmethod
+    def _parses(cls, text: str | None) -> str | None:
+        if text is not None:
+            try:
+                jinja2.Environment().parse(text)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"not a valid Jinja2 template: {exc.message} (line {exc.lineno})") from exc
+        return text
+
+
+class RecordSpec(_Strict):
+    schema_path: str = Field(alias="schema", description="Path of the record's JSON Schema (relative to the spec file).")
+    text_field: str | None = Field(
+        default=None, description="Field embedded for dedup and semantic diversity (default: the whole record)."
+    )
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class MethodSpec(_Strict):
+    name: Literal["direct", "vs_standard"] = Field(default="vs_standard", description="Prompting method.")
+    k: int = Field(default=5, ge=1, le=20, description="Responses per call (Verbalized Sampling).")
+    probability_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="VS tail sampling: ask that each response's probability be below this value.",
+    )
+
+
+class ModelSpec(_Strict):
+    name: str = Field(
+        default="smollm2-135m-instruct",
+        description=f"An embedded model ({', '.join(EMBEDDED_CHAT_MODELS)}), a local Hugging Face folder, or a hub id.",
+    )
+    engine: Literal["vllm", "transformers"] = Field(default="vllm")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto")
+    max_model_len: int = Field(default=2048, ge=128)
+    batch_size: int = Field(default=16, ge=1, description="Prompts per engine call (and per parquet shard).")
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(default=1.0, ge=0, le=5)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=512, ge=1, le=32768)
+    n: int = Field(default=1, ge=1, le=64, description="Samples per prompt.")
+
+
+class GenerationSpec(_Strict):
+    oversample: float = Field(
+        default=1.5, ge=1, le=20, description="Candidates requested per target record, to absorb rejects and dups."
+    )
+
+
+class DedupSpec(_Strict):
+    threshold: float = Field(default=0.92, gt=0, le=1, description="Cosine similarity at or above which two are dups.")
+    embedding_model: str = Field(default="minilm-l6", description="Embedded name or local sentence-transformers folder.")
+
+
+class PublishSpec(_Strict):
+    dir: str = Field(default="outputs", description="Root folder for runs: <dir>/<dataset>/<run-id>/.")
+    repo_id: str | None = Field(default=None, description="Optional Hub dataset repo id (owner/name) to push to.")
+    private: bool = True
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, repo_id: str | None) -> str | None:
+        if repo_id is not None and not HUB_REPO_ID.match(repo_id):
+            raise ValueError(f"'{repo_id}' is not a Hub repo id; expected owner/name (letters, digits, - _ .)")
+        return repo_id
+
+
+class BuildSpec(_Strict):
+    """One dataset build."""
+
+    name: str = Field(description="Dataset name (letters, digits, - _ .); the run folder is named after it.")
+    description: str = ""
+    prompt: PromptSpec
+    record: RecordSpec
+    attributes: list[Attribute] = Field(default_factory=list)
+    target_size: int = Field(ge=1, le=10_000_000, description="Records in the published dataset.")
+    method: MethodSpec = MethodSpec()
+    model: ModelSpec = ModelSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    generation: GenerationSpec = GenerationSpec()
+    dedup: DedupSpec = DedupSpec()
+    seed: int = Field(default=0, ge=0)
+    publish: PublishSpec = PublishSpec()
+
+    # Filled at load time from the spec file's folder; not part of the YAML.
+    _base_dir: Path = Path(".")
+    _record_schema: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not DATASET_NAME.match(name):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, '-', '_' or '.'")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
+        check_model_name(model.name, EMBEDDED_CHAT_MODELS, _base_dir(info))
+        return model
+
+    @field_validator("dedup")
+    @classmethod
+    def _embedder(cls, dedup: DedupSpec, info: ValidationInfo) -> DedupSpec:
+        check_model_name(dedup.embedding_model, EMBEDDED_EMBEDDING_MODELS, _base_dir(info))
+        return dedup
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> BuildSpec:
+        names = [a.name for a in self.attributes]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"attributes: names must be distinct; repeated: {repeated}")
+        base = _base_dir(info)
+        schema_file = resolve_path(self.record.schema_path, base)
+        if schema_file is None:
+            raise ValueError(f"record.schema: file '{self.record.schema_path}' not found (looked beside the spec and in the working folder)")
+        try:
+            schema = json.loads(schema_file.read_text())
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except (json.JSONDecodeError, jsonschema.SchemaError) as exc:
+            raise ValueError(f"record.schema: '{schema_file}' is not a valid JSON Schema: {str(exc).splitlines()[0]}") from exc
+        if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
+            raise ValueError("record.schema: the record schema must be an object schema with 'properties'")
+        props = schema["properties"]
+        for attr in self.attributes:
+            if attr.record_field not in props:
+                raise ValueError(
+                    f"attributes.{attr.name}: record field '{attr.record_field}' is not in the record schema's "
+                    f"properties {sorted(props)}"
+                )
+        if self.record.text_field is not None and self.record.text_field not in props:
+            raise ValueError(f"record.text_field: '{self.record.text_field}' is not in the record schema's properties {sorted(props)}")
+        undeclared = _template_variables(self.prompt) - {a.name for a in self.attributes} - TEMPLATE_BUILTINS
+        if undeclared:
+            raise ValueError(
+                f"prompt.template: uses undefined variables {sorted(undeclared)}; allowed: attribute names "
+                f"{names} and {sorted(TEMPLATE_BUILTINS)}"
+            )
+        self._base_dir = base
+        self._record_schema = schema
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def record_schema(self) -> dict[str, Any]:
+        return self._record_schema
+
+    @property
+    def prompt_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "prompt"]
+
+    @property
+    def field_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "field"]
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that decides the output (spec and record schema)."""
+        payload = json.dumps(
+            {"spec": self.model_dump(mode="json", by_alias=True), "schema": self._record_schema}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# Variables every template may use besides the attributes.
+TEMPLATE_BUILTINS = frozenset({"k", "index"})
+
+
+def _template_variables(prompt: PromptSpec) -> set[str]:
+    env = jinja2.Environment()
+    found: set[str] = set()
+    for text in (prompt.template, prompt.system):
+        if text:
+            found |= jinja2.meta.find_undeclared_variables(env.parse(text))
+    return found
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir", "."))
+
+
+def resolve_path(path: str, base_dir: Path) -> Path | None:
+    """A relative path is looked up beside the spec first, then in the working folder."""
+    candidate = Path(path).expanduser()
+    options = [candidate] if candidate.is_absolute() else [base_dir / candidate, Path.cwd() / candidate]
+    return next((p.resolve() for p in options if p.is_file()), None)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here)"
+        elif err["type"] == "literal_error":
+            msg = f"{msg}; got {err.get('input')!r}"
+        lines.append(f"{loc}: {msg}")
+    return "invalid build spec:\n  " + "\n  ".join(lines)
+
+
+def parse_spec(data: Any, base_dir: Path | str = ".") -> BuildSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid build spec: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return BuildSpec.model_validate(data, context={"base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file '{path}' is not valid YAML: {exc}") from None
+    return parse_spec(data, path.parent.resolve())
+
+
+def build_spec_json_schema() -> dict[str, Any]:
+    schema = BuildSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://polyculture.dev/schemas/build-spec.schema.json"
+    return schema
+

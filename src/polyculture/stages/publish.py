@@ -1,0 +1,250 @@
+"""publish: the final records as a Hugging Face datasets folder with a dataset card and the diversity report.
+
+The folder is built in a hidden temporary sibling and renamed into place, so a crash never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from polyculture.spec import BuildSpec
+
+DATA_FILE = "data/train-00000-of-00001.parquet"
+METADATA_COLUMNS = {
+    "_record_id": ("record_id", pa.string()),
+    "_method": ("method", pa.string()),
+    "_model": ("model", pa.string()),
+    "_verbalized_probability": ("verbalized_probability", pa.float64()),
+}
+_SCALAR_TYPES = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "string": pa.string()}
+# The Hub's size buckets (upper bounds exclusive).
+_SIZE_CATEGORIES = [
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+]
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+
+class PublishError(RuntimeError):
+    """The dataset cannot be published as asked (the message says why)."""
+
+
+def publish_local(spec: BuildSpec, final: pl.DataFrame, report: dict, report_dir: Path, dataset_dir: Path) -> Path:
+    """Write dataset_dir: data/*.parquet, README.md (dataset card), report.json, report.md and plots/; return it."""
+    dataset_dir, report_dir = Path(dataset_dir), Path(report_dir)
+    _refuse_non_empty(dataset_dir)
+    missing = [name for name in ("report.json", "report.md") if not (report_dir / name).is_file()]
+    if missing:
+        raise PublishError(f"report folder '{report_dir}' lacks {missing}; run the report stage before publishing")
+    table = records_table(spec, final)
+
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.partial-", dir=dataset_dir.parent))
+    try:
+        (staging / DATA_FILE).parent.mkdir(parents=True)
+        pq.write_table(table, staging / DATA_FILE)
+        shutil.copy2(report_dir / "report.json", staging / "report.json")
+        shutil.copy2(report_dir / "report.md", staging / "report.md")
+        if (report_dir / "plots").is_dir():
+            shutil.copytree(report_dir / "plots", staging / "plots")
+        report_md = (report_dir / "report.md").read_text(encoding="utf-8")
+        dataset_card(spec, report, report_md, table.num_rows, list(table.column_names)).save(staging / "README.md")
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the published folder should read like any other
+        _refuse_non_empty(dataset_dir)  # checked again: someone may have written there while we built
+        if dataset_dir.is_dir():
+            dataset_dir.rmdir()  # empty (just checked); rename cannot replace it portably
+        os.rename(staging, dataset_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataset_dir
+
+
+def _refuse_non_empty(dataset_dir: Path) -> None:
+    if dataset_dir.exists() and (not dataset_dir.is_dir() or any(dataset_dir.iterdir())):
+        raise PublishError(
+            f"dataset folder '{dataset_dir}' already exists and is not empty; choose another folder or remove it"
+        )
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+
+
+def _field_type(prop: Any) -> pa.DataType | None:
+    """Arrow type for a JSON Schema property, or None when it is not a scalar or an array of scalars."""
+    if not isinstance(prop, dict):
+        return None
+    kind = prop.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        kind = kinds[0] if len(kinds) == 1 else None
+    if kind is None and prop.get("enum"):
+        enum_kinds = {type(v) for v in prop["enum"] if v is not None}
+        kind = "string" if enum_kinds == {str} else None
+    if kind in _SCALAR_TYPES:
+        return _SCALAR_TYPES[kind]
+    if kind == "array":
+        inner = _field_type(prop.get("items"))
+        return pa.list_(inner) if inner is not None and not pa.types.is_list(inner) else None
+    return None
+
+
+def _coerce(value: Any, kind: pa.DataType | None, where: str) -> Any:
+    if value is None:
+        return None
+    if kind is None:
+        # Objects and mixed types: canonical JSON text keeps them loadable in one column.
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if pa.types.is_list(kind):
+        if not isinstance(value, list):
+            raise PublishError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, kind.value_type, where) for v in value]
+    if pa.types.is_int64(kind):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # JSON Schema's integer accepts 1.0
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PublishError(f"{where}: expected an integer, got {value!r}")
+    elif pa.types.is_float64(kind):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PublishError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    elif pa.types.is_boolean(kind) and not isinstance(value, bool):
+        raise PublishError(f"{where}: expected a boolean, got {value!r}")
+    elif pa.types.is_string(kind) and not isinstance(value, str):
+        raise PublishError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
+    """Record fields (schema order, typed from the schema) followed by the metadata columns."""
+    needed = ["record_json", *(source for source, _ in METADATA_COLUMNS.values())]
+    absent = [c for c in needed if c not in final.columns]
+    if absent:
+        raise PublishError(f"the final records frame lacks columns {absent} (columns: {final.columns})")
+    properties: dict[str, Any] = spec.record_schema.get("properties", {})
+    records: list[dict[str, Any]] = []
+    for record_id, text in zip(final["record_id"].to_list(), final["record_json"].to_list(), strict=True):
+        try:
+            record = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise PublishError(f"record {record_id}: record_json is not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise PublishError(f"record {record_id}: record_json is not a JSON object")
+        records.append(record)
+
+    # Keys the schema does not declare (when it allows them) still ship, after the declared ones, as text.
+    extra = list(dict.fromkeys(k for r in records for k in r if k not in properties))
+    clash = [k for k in [*properties, *extra] if k in METADATA_COLUMNS]
+    if clash:
+        raise PublishError(f"record fields {clash} clash with the metadata columns {list(METADATA_COLUMNS)}")
+    fields = [(name, _field_type(properties[name])) for name in properties] + [(name, None) for name in extra]
+
+    record_ids = final["record_id"].to_list()
+    columns: dict[str, pa.Array] = {}
+    for name, kind in fields:
+        values = [_coerce(r.get(name), kind, f"record {rid}, field '{name}'") for rid, r in zip(record_ids, records)]
+        columns[name] = pa.array(values, type=kind or pa.string())
+    for column, (source, kind) in METADATA_COLUMNS.items():
+        columns[column] = pa.array(final[source].to_list(), type=kind)
+    return pa.table(columns)
+
+
+# ---- card ---------------------------------------------------------------------------------------------------------
+
+
+def size_category(rows: int) -> str:
+    return next((label for bound, label in _SIZE_CATEGORIES if rows < bound), "n>1B")
+
+
+def dataset_card(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> DatasetCard:
+    license_id = getattr(spec.publish, "license", None) or getattr(spec, "license", None) or "other"
+    data = DatasetCardData(
+        pretty_name=spec.name,
+        license=license_id,
+        size_categories=[size_category(rows)],
+        task_categories=["text-generation"],
+        tags=["synthetic", "polyculture"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+    )
+    return DatasetCard.from_template(data, template_str=CARD_TEMPLATE, body=_card_body(spec, report, report_md, rows, columns))
+
+
+def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> str:
+    method = spec.method
+    method_text = f"`{method.name}`"
+    if method.name.startswith("vs_"):
+        method_text += f" (Verbalized Sampling, k={method.k} responses per call"
+        if method.probability_threshold is not None:
+            method_text += f", each with probability below {method.probability_threshold}"
+        method_text += ")"
+    s = spec.sampling
+    lines = [f"# {spec.name}", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += [
+        f"Synthetic dataset of {rows} records built with polyculture, which generates with "
+        "anti-mode-collapse prompting, removes near duplicates and rebalances attributes to exact targets.",
+        "",
+        "## How it was made",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| model | `{spec.model.name}` |",
+        f"| engine | {spec.model.engine} (dtype {spec.model.dtype}) |",
+        f"| method | {method_text} |",
+        f"| sampling | temperature {s.temperature}, top_p {s.top_p}, max_tokens {s.max_tokens}, {s.n} sample(s) per prompt |",
+        f"| dedup | cosine >= {spec.dedup.threshold} with `{spec.dedup.embedding_model}` |",
+        f"| seed | {spec.seed} |",
+        f"| run | `{report.get('run_id', '')}` (spec fingerprint `{str(report.get('spec_fingerprint', spec.fingerprint()))[:12]}`) |",
+        "",
+    ]
+    headline = report.get("headline", {})
+    if headline:
+        lines += ["## Headline figures", "", "| figure | value |", "|---|---:|"]
+        lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in headline.items()]
+        lines.append("")
+    lines += [
+        "## Columns",
+        "",
+        "Record fields: " + ", ".join(f"`{c}`" for c in columns if c not in METADATA_COLUMNS) + ".",
+        "Metadata: `_record_id` (run-unique id), `_method` (prompting method), `_model` (generating model), "
+        "`_verbalized_probability` (the probability the model stated for this response under Verbalized Sampling; "
+        "empty otherwise).",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("path/or/repo_id", split="train")',
+        "```",
+        "",
+        "The full report is in `report.md` / `report.json`; it is repeated below.",
+        "",
+        _demote_headings(report_md).strip(),
+    ]
+    return "\n".join(lines)
+
+
+def _demote_headings(markdown: str) -> str:
+    # The report's "# title" becomes a section of the card.
+    return re.sub(r"^(#+ )", r"#\1", markdown, flags=re.MULTILINE)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "n/a" if value is None else str(value)

@@ -1,0 +1,347 @@
+"""report: diversity before/after, attribute targets vs what was kept, rejects and short cells.
+
+Writes report.json (strict JSON: no NaN/inf), report.md (for people, embedded in the dataset card) and one bar chart per
+attribute under plots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from polyculture.metrics.attribute import attribute_summary
+from polyculture.metrics.lexical import distinct_n
+from polyculture.metrics.semantic import mean_pairwise_similarity, semantic_diversity
+from polyculture.spec import Attribute, BuildSpec
+from polyculture.stages.plan import largest_remainder
+
+REJECT_EXAMPLES = 3
+EXAMPLE_CHARS = 200  # reject details can hold whole completions; the report only needs a glimpse
+
+
+def write_report(
+    spec: BuildSpec,
+    *,
+    run_id: str,
+    counts: dict[str, int],
+    validated: pl.DataFrame,
+    validated_embeddings: np.ndarray,
+    final: pl.DataFrame,
+    final_embeddings: np.ndarray,
+    rejects: pl.DataFrame,
+    cells: pl.DataFrame,
+    usage: dict[str, float],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Compute the report, write report.json, report.md and plots/attribute_<name>.png under out_dir; return it."""
+    out_dir = Path(out_dir)
+    before = _diversity(validated, validated_embeddings, "validated", spec.seed)
+    after = _diversity(final, final_embeddings, "final", spec.seed)
+
+    attributes: dict[str, Any] = {}
+    for attr in spec.attributes:
+        target = attr.target_distribution()
+        attributes[attr.name] = {
+            "source": attr.source,
+            "field": attr.record_field,
+            "target_counts": _target_counts(attr, cells, spec.target_size),
+            "before": attribute_summary(_column(validated, attr.name, "validated"), target),
+            "after": attribute_summary(_column(final, attr.name, "final"), target),
+        }
+
+    reject_groups = _reject_groups(rejects)
+    short = _short_cells(cells)
+    plots_dir = out_dir / "plots"
+    plots = {name: _plot_attribute(name, entry, plots_dir) for name, entry in attributes.items()}
+
+    report: dict[str, Any] = {
+        "dataset": spec.name,
+        "run_id": run_id,
+        "spec_fingerprint": spec.fingerprint(),
+        "generation": {
+            "model": spec.model.name,
+            "engine": spec.model.engine,
+            "method": spec.method.model_dump(mode="json"),
+            "sampling": spec.sampling.model_dump(mode="json"),
+            "dedup": spec.dedup.model_dump(mode="json"),
+            "seed": spec.seed,
+        },
+        "headline": {
+            "records": final.height,
+            "target_size": spec.target_size,
+            "semantic_diversity_before": before["semantic_diversity"],
+            "semantic_diversity_after": after["semantic_diversity"],
+            "distinct_2_before": before["distinct_2"],
+            "distinct_2_after": after["distinct_2"],
+            "rejects": int(rejects.height),
+            "short_cells": len(short),
+        },
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "diversity": {"before": before, "after": after},
+        "attributes": attributes,
+        "rejects": {"total": int(rejects.height), "by_reason": reject_groups},
+        "short_cells": short,
+        "usage": dict(usage),
+        "plots": plots,
+    }
+    report = _jsonable(report)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    _write_text(out_dir / "report.md", render_markdown(report))
+    return report
+
+
+# ---- computations -------------------------------------------------------------------------------------------------
+
+
+def _diversity(frame: pl.DataFrame, embeddings: np.ndarray, label: str, seed: int) -> dict[str, Any]:
+    if "text" not in frame.columns:
+        raise ValueError(f"the {label} records frame has no 'text' column (columns: {frame.columns})")
+    embeddings = np.asarray(embeddings)
+    if frame.height and (embeddings.ndim != 2 or embeddings.shape[0] != frame.height):
+        # Misaligned rows would silently measure the wrong records.
+        raise ValueError(f"{label}: {frame.height} records but embeddings of shape {embeddings.shape}")
+    texts = [t or "" for t in frame["text"].to_list()]
+    has_rows = embeddings.ndim == 2 and embeddings.shape[0] > 0
+    return {
+        "rows": frame.height,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "semantic_diversity": semantic_diversity(embeddings, seed=seed) if has_rows else 0.0,
+        "mean_pairwise_similarity": mean_pairwise_similarity(embeddings, seed=seed) if has_rows else 0.0,
+    }
+
+
+def _column(frame: pl.DataFrame, name: str, label: str) -> list[str | None]:
+    if name not in frame.columns:
+        raise ValueError(f"the {label} records frame has no column for attribute '{name}' (columns: {frame.columns})")
+    return frame[name].cast(pl.String).to_list()
+
+
+def _target_counts(attr: Attribute, cells: pl.DataFrame, target_size: int) -> dict[str, int]:
+    """Exact target counts per value: the rebalance cells' targets summed (prompt attributes), else the marginal."""
+    if attr.name in cells.columns and "target" in cells.columns and cells.height:
+        sums = cells.group_by(attr.name).agg(pl.col("target").sum())
+        by_value = dict(zip(sums[attr.name].to_list(), sums["target"].to_list(), strict=True))
+        return {v: int(by_value.get(v) or 0) for v in attr.values}
+    weights = attr.weights or [1.0] * len(attr.values)
+    return dict(zip(attr.values, largest_remainder(target_size, weights), strict=True))
+
+
+def _reject_groups(rejects: pl.DataFrame) -> list[dict[str, Any]]:
+    if rejects.height == 0:
+        return []
+    grouped = (
+        rejects.group_by("stage", "reason", maintain_order=True)
+        .agg(
+            pl.len().alias("count"),
+            pl.col("detail").drop_nulls().unique(maintain_order=True).head(REJECT_EXAMPLES).alias("examples"),
+        )
+        .sort(["count", "stage", "reason"], descending=[True, False, False])
+    )
+    return [
+        {
+            "stage": row["stage"],
+            "reason": row["reason"],
+            "count": int(row["count"]),
+            "examples": [_clip(d, EXAMPLE_CHARS) for d in row["examples"]],
+        }
+        for row in grouped.iter_rows(named=True)
+    ]
+
+
+def _short_cells(cells: pl.DataFrame) -> list[dict[str, Any]]:
+    if cells.height == 0 or "deficit" not in cells.columns:
+        return []
+    wanted = [c for c in ("cell_key", "target", "available", "kept", "deficit", "reason") if c in cells.columns]
+    short = cells.filter(pl.col("deficit") > 0).sort(["deficit", "cell_key"], descending=[True, False])
+    return short.select(wanted).to_dicts()
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain Python types only; NaN/inf become None so the file is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    # Write then rename: a crash never leaves a half-written report behind.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- plots --------------------------------------------------------------------------------------------------------
+
+
+def _plot_attribute(name: str, entry: dict[str, Any], plots_dir: Path) -> str:
+    """Grouped bars: target share vs final share per value (plus the off-target share when there is one)."""
+    after = entry["after"]
+    labels = list(after["target_share"])
+    target = [after["target_share"][v] for v in labels]
+    final = [after["observed_share"][v] for v in labels]
+    if after["other"]:
+        labels.append("(other)")
+        target.append(0.0)
+        final.append(after["other_share"])
+
+    # Figure + Agg canvas directly: no pyplot global state, safe in worker threads and without a display.
+    width = max(6.0, 0.9 * len(labels) + 2.0)
+    fig = Figure(figsize=(width, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    bar = 0.4
+    target_bars = ax.bar(x - bar / 2, target, bar, label="target", color="#9aa5b1")
+    final_bars = ax.bar(x + bar / 2, final, bar, label=f"final (n={after['n']})", color="#2f6f9f")
+    for bars in (target_bars, final_bars):
+        ax.bar_label(bars, labels=[f"{v:.0%}" if v else "" for v in bars.datavalues], fontsize=7, padding=1)
+    long_labels = len(labels) > 6 or max((len(label) for label in labels), default=0) > 10
+    ax.set_xticks(x, labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_ylim(0, max([*target, *final, 0.01]) * 1.18)
+    ax.set_ylabel("share of records")
+    ax.set_xlabel(name)
+    ax.set_title(f"{name}: target vs final share")
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    relative = f"plots/attribute_{name}.png"
+    fig.savefig(plots_dir / f"attribute_{name}.png", dpi=120)
+    return relative
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------------
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown; image links are relative to the folder holding report.md."""
+    lines = [f"# Diversity report: {report['dataset']}", ""]
+    gen = report["generation"]
+    lines += [
+        f"Run `{report['run_id']}`: {report['headline']['records']} records (target {report['headline']['target_size']}),"
+        f" model `{gen['model']}` on {gen['engine']}, method `{gen['method']['name']}`.",
+        "",
+        "## Records after each stage",
+        "",
+        "| stage | records | vs previous stage |",
+        "|---|---:|---:|",
+    ]
+    previous: int | None = None
+    for stage, count in report["counts"].items():
+        change = f"{count / previous:.0%}" if previous else ""
+        lines.append(f"| {_cell(stage)} | {count} | {change} |")
+        previous = count
+
+    before, after = report["diversity"]["before"], report["diversity"]["after"]
+    lines += ["", "## Diversity", "", "| metric | validated | final |", "|---|---:|---:|"]
+    lines.append(f"| records | {before['rows']} | {after['rows']} |")
+    for key, label, digits in (
+        ("semantic_diversity", "semantic diversity (0-100, higher is more diverse)", 1),
+        ("mean_pairwise_similarity", "mean pairwise cosine similarity", 3),
+        ("distinct_1", "distinct-1", 3),
+        ("distinct_2", "distinct-2", 3),
+    ):
+        lines.append(f"| {label} | {before[key]:.{digits}f} | {after[key]:.{digits}f} |")
+
+    for name, entry in report["attributes"].items():
+        b, a = entry["before"], entry["after"]
+        lines += [
+            "",
+            f"## Attribute `{name}` ({entry['source']})",
+            "",
+            "| value | target share | target count | validated | final | final share |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for value, share in a["target_share"].items():
+            lines.append(
+                f"| {_cell(value)} | {share:.1%} | {entry['target_counts'].get(value, 0)} | {b['counts'][value]}"
+                f" | {a['counts'][value]} | {a['observed_share'][value]:.1%} |"
+            )
+        if a["other"] or b["other"]:
+            lines.append(f"| (other) | 0.0% | 0 | {b['other']} | {a['other']} | {a['other_share']:.1%} |")
+        kl = "infinite (mass where the target is 0)" if a["kl_infinite"] else _num(a["kl_bits"])
+        lines += [
+            "",
+            f"Final: entropy {_num(a['entropy_bits'])} bits (normalised {_num(a['normalized_entropy'])}),"
+            f" KL to target {kl} bits, total variation {_num(a['total_variation'])},"
+            f" coverage {a['coverage']:.0%}.",
+        ]
+        if a["other_examples"]:
+            seen = ", ".join(
+                f"{'(missing)' if e['value'] is None else _cell(e['value'])} ({e['count']})" for e in a["other_examples"]
+            )
+            lines.append(f"Off-target values in the final set: {seen}.")
+        if name in report["plots"]:
+            lines += ["", f"![{name}: target vs final share]({report['plots'][name]})"]
+
+    lines += ["", "## Rejects", ""]
+    groups = report["rejects"]["by_reason"]
+    if groups:
+        lines += [f"{report['rejects']['total']} rejected in all.", "", "| stage | reason | count | example |", "|---|---|---:|---|"]
+        for g in groups:
+            example = _cell(g["examples"][0], 120) if g["examples"] else ""
+            lines.append(f"| {_cell(g['stage'])} | {_cell(g['reason'])} | {g['count']} | {example} |")
+    else:
+        lines.append("None.")
+
+    lines += ["", "## Cells short of target", ""]
+    if report["short_cells"]:
+        lines += ["| cell | target | available | kept | deficit | reason |", "|---|---:|---:|---:|---:|---|"]
+        for c in report["short_cells"]:
+            lines.append(
+                f"| {_cell(c.get('cell_key'))} | {c.get('target', '')} | {c.get('available', '')} | {c.get('kept', '')}"
+                f" | {c.get('deficit', '')} | {_cell(c.get('reason'))} |"
+            )
+    else:
+        lines.append("None: every cell met its target.")
+
+    if report["usage"]:
+        lines += ["", "## Usage", "", "| measure | value |", "|---|---:|"]
+        lines += [f"| {_cell(k)} | {_num(v)} |" for k, v in report["usage"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _cell(str(value))
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _cell(value: Any, limit: int | None = None) -> str:
+    """Table-safe text: one line, pipes escaped."""
+    text = "" if value is None else " ".join(str(value).split())
+    if limit is not None:
+        text = _clip(text, limit)
+    return text.replace("|", "\\|")

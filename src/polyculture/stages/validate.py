@@ -1,0 +1,112 @@
+"""validate: parse every completion into records, set conditioned attributes, check the record JSON Schema.
+
+Nothing the model writes raises here: each failure becomes a row in `rejects` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import polars as pl
+
+from polyculture.methods.base import Method
+from polyculture.spec import BuildSpec
+
+REJECT_SCHEMA = {"record_id": pl.String, "call_id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String}
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    records: pl.DataFrame
+    rejects: pl.DataFrame
+
+
+def empty_rejects() -> pl.DataFrame:
+    return pl.DataFrame(schema=REJECT_SCHEMA)
+
+
+def records_schema(spec: BuildSpec) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "record_id": pl.String, "call_id": pl.String, "cell_id": pl.Int64, "cell_key": pl.String,
+        "item_index": pl.Int64, "method": pl.String, "model": pl.String, "verbalized_probability": pl.Float64,
+        "record_json": pl.String, "text": pl.String,
+    }  # fmt: skip
+    return schema | {a.name: pl.String for a in spec.attributes}
+
+
+def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> ValidationResult:
+    validator_cls = jsonschema.validators.validator_for(spec.record_schema)
+    validator = validator_cls(spec.record_schema, format_checker=validator_cls.FORMAT_CHECKER)
+    field_order = list(spec.record_schema["properties"])
+    records: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    for row in completions.iter_rows(named=True):
+        call_id = row["call_id"]
+        parsed = method.parse(row["completion"] or "")
+        if parsed.error is not None:
+            reason = "truncated" if row["finish_reason"] == "length" else "unparseable"
+            rejects.append(_reject(None, call_id, "parse", reason, f"{parsed.error}: {_clip(row['completion'])}"))
+            continue
+        for item_index, item in enumerate(parsed.items):
+            record_id = f"{call_id}-{item_index}"
+            if item.error is not None or item.fields is None:
+                rejects.append(_reject(record_id, call_id, "parse", "malformed_item", item.error or "no fields"))
+                continue
+            fields = _clean(item.fields)
+            for attr in spec.prompt_attributes:
+                # A conditioned attribute is the pipeline's to set, not the model's to echo.
+                fields[attr.record_field] = row[attr.name]
+            errors = sorted(validator.iter_errors(fields), key=lambda e: list(e.absolute_path))
+            if errors:
+                detail = "; ".join(_schema_message(e) for e in errors[:3])
+                rejects.append(_reject(record_id, call_id, "schema", "schema_violation", detail))
+                continue
+            ordered = {k: fields[k] for k in field_order if k in fields} | {
+                k: v for k, v in fields.items() if k not in field_order
+            }
+            text_value = ordered.get(spec.record.text_field) if spec.record.text_field else None
+            records.append(
+                {
+                    "record_id": record_id,
+                    "call_id": call_id,
+                    "cell_id": row["cell_id"],
+                    "cell_key": row["cell_key"],
+                    "item_index": item_index,
+                    "method": row["method"],
+                    "model": row["model"],
+                    "verbalized_probability": item.probability,
+                    "record_json": json.dumps(ordered, ensure_ascii=False),
+                    # An optional text field left out falls back to the whole record, so nothing is embedded empty.
+                    "text": str(text_value) if text_value is not None else json.dumps(ordered, ensure_ascii=False),
+                    **{a.name: _attribute_value(ordered.get(a.record_field)) for a in spec.attributes},
+                }
+            )
+    return ValidationResult(
+        records=pl.DataFrame(records, schema=records_schema(spec)),
+        rejects=pl.DataFrame(rejects, schema=REJECT_SCHEMA),
+    )
+
+
+def _clean(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.strip() if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _attribute_value(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path) or "(record)"
+    return f"{where}: {_clip(error.message, 160)}"
+
+
+def _reject(record_id: str | None, call_id: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"record_id": record_id, "call_id": call_id, "stage": stage, "reason": reason, "detail": detail}
+
+
+def _clip(text: str | None, limit: int = 200) -> str:
+    text = text or ""
+    return text if len(text) <= limit else text[:limit] + "..."
