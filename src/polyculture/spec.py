@@ -205,6 +205,9 @@ class BuildSpec(_Strict):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"attributes: names must be distinct; repeated: {repeated}")
+        clashing = sorted(set(names) & RESERVED_COLUMNS)
+        if clashing:
+            raise ValueError(f"attributes: {clashing} are reserved column names; reserved: {sorted(RESERVED_COLUMNS)}")
         base = _base_dir(info)
         schema_file = resolve_path(self.record.schema_path, base)
         if schema_file is None:
@@ -259,6 +262,13 @@ class BuildSpec(_Strict):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# Pipeline columns an attribute (a column of its own in every frame) must not shadow.
+RESERVED_COLUMNS = frozenset(
+    {"call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "system", "user", "completion", "prompt_tokens",
+     "completion_tokens", "finish_reason", "method", "model", "engine", "batch_seconds", "record_id", "item_index",
+     "verbalized_probability", "record_json", "text", "quota", "n_prompts", "target", "available", "kept",
+     "deficit", "reason"}
+)  # fmt: skip
 # Variables every template may use besides the attributes.
 TEMPLATE_BUILTINS = frozenset({"k", "index"})
 

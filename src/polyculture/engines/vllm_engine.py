@@ -40,6 +40,9 @@ class VLLMEngine:
                 dtype="bfloat16" if dtype == "auto" else dtype,
                 seed=seed,
                 max_model_len=max_model_len,
+                # Compact JSON: with whitespace allowed the small model wanders into endless newlines inside it.
+                # This is an engine-level setting (a per-request flag is ignored); it needs an explicit backend.
+                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             )
         except Exception as exc:  # vLLM raises many kinds at start-up; all mean the same to the user
             raise EngineError(f"vLLM could not start model '{model.name}' from {model.path}: {exc}") from exc
@@ -48,10 +51,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        # Without disable_any_whitespace the small model wanders into endless whitespace inside the JSON.
-        structured = (
-            StructuredOutputsParams(json=json_schema, disable_any_whitespace=True) if json_schema is not None else None
-        )
+        structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
         return VParams(
             n=params.n,
             temperature=params.temperature,

@@ -15,7 +15,8 @@ from polyculture.engines.base import Conversation, Engine, SamplingParams
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
 
-COMPLETION_COLUMNS = [
+COMPLETION_COLUMNS = [  # plus shard (i64) and batch_seconds (f64): timing per engine call
+
     "call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "system", "user", "completion",
     "prompt_tokens", "completion_tokens", "finish_reason", "method", "model", "engine",
 ]  # fmt: skip
@@ -103,7 +104,11 @@ def generate(
             started = time.perf_counter()
             outputs = engine.generate(conversations, params, json_schema=response_schema)
             frame = _completions_frame(spec, batch, outputs, engine, method)
-            frame = frame.with_columns(pl.lit(time.perf_counter() - started).alias("batch_seconds"))
+            # Shard-level timing, repeated on each of the shard's rows: sum it once per shard.
+            frame = frame.with_columns(
+                pl.lit(shard, dtype=pl.Int64).alias("shard"),
+                pl.lit(time.perf_counter() - started).alias("batch_seconds"),
+            )
             _write_atomic(frame, path)
             frames.append(frame)
         done += len(batch)

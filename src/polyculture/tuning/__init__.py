@@ -1,0 +1,1 @@
+"""Diffuse fine-tuning and the model probe (issue 4)."""

@@ -1,0 +1,72 @@
+"""Shared test set-up: offline, quiet, a private Prefect home, one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="polyculture-prefect-")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PREFECT_HOME": _PREFECT_HOME,
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+}.items():
+    os.environ[key] = value
+
+import pytest  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 2, "maxLength": 40},
+        "birth_year": {"type": "integer", "minimum": 1900, "maximum": 2005},
+        "occupation": {"type": "string"},
+        "bio": {"type": "string", "minLength": 10, "maxLength": 200},
+    },
+    "required": ["name", "birth_year", "occupation", "bio"],
+    "additionalProperties": False,
+}
+
+
+def small_spec_dict(**overrides):
+    """A small but complete biographies spec; the schema file is written by the `spec_dir` fixture."""
+    spec = {
+        "name": "tiny-bios",
+        "prompt": {"template": "Write a short biography of a fictional {{ occupation }}."},
+        "record": {"schema": "record.schema.json", "text_field": "bio"},
+        "attributes": [{"name": "occupation", "values": ["doctor", "farmer"], "weights": [1, 1]}],
+        "target_size": 4,
+        "method": {"name": "direct"},
+        "model": {"name": "smollm2-135m-instruct", "engine": "transformers"},
+        "sampling": {"temperature": 1.0, "max_tokens": 120, "n": 2},
+        "generation": {"oversample": 2.0},
+        "seed": 3,
+    }
+    for key, value in overrides.items():
+        spec[key] = value if not isinstance(value, dict) or key not in spec else {**spec[key], **value}
+    return spec
+
+
+@pytest.fixture
+def spec_dir(tmp_path: Path) -> Path:
+    import json
+
+    (tmp_path / "record.schema.json").write_text(json.dumps(SMALL_SCHEMA))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (SQLite) for every flow test; stopped at the end of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

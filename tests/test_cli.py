@@ -1,0 +1,68 @@
+"""The CLI as a user runs it: --help, bad specs refused with the field named, and a real build with --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import yaml
+from conftest import PROJECT, small_spec_dict
+
+CLI = [sys.executable, "-m", "polyculture.cli"]
+
+
+def _run(*args, cwd=None, timeout=900):
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"] + "-cli"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def test_help_lists_commands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("build", "check", "schema", "models"):
+        assert command in out.stdout
+    build_help = _run("build", "--help").stdout
+    assert "--json" in build_help and "--run-id" in build_help
+
+
+def test_check_prints_the_plan_as_json():
+    out = _run("check", str(PROJECT / "configs" / "biographies.yaml"), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["cells"] == 48 and sum(cell["quota"] for cell in summary["plan"]) == summary["target_size"] == 240
+
+
+def test_bad_spec_refused_naming_the_field(spec_dir):
+    path = spec_dir / "bad.yaml"
+    path.write_text(yaml.safe_dump(small_spec_dict(sampling={"temperature": -1}, colour="red")))
+    out = _run("build", str(path))
+    assert out.returncode == 2
+    assert "sampling.temperature" in out.stderr and "colour: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_uncached_hub_model_refused_before_any_work(spec_dir):
+    path = spec_dir / "hub.yaml"
+    path.write_text(yaml.safe_dump(small_spec_dict(model={"name": "someone/not-cached"})))
+    out = _run("build", str(path))
+    assert out.returncode == 3
+    assert "not in the local Hugging Face cache" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_schema_command_matches_the_shipped_file():
+    out = _run("schema")
+    assert json.loads(out.stdout) == json.loads((PROJECT / "schemas" / "build-spec.schema.json").read_text())
+
+
+def test_build_json(spec_dir, tmp_path):
+    path = spec_dir / "direct.yaml"
+    path.write_text(yaml.safe_dump(small_spec_dict(sampling={"max_tokens": 100, "n": 2})))
+    out = _run("build", str(path), "--json", "--run-id", "cli-run", "--output-dir", str(tmp_path / "runs"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["run_id"] == "cli-run" and result["dataset_dir"].startswith(str(tmp_path / "runs"))
+    assert os.path.isfile(result["report_md"]) and os.path.isfile(result["report_json"])
+    assert datasets.load_dataset(result["dataset_dir"], split="train").num_rows == result["records"] > 0

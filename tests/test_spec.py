@@ -1,0 +1,129 @@
+"""BuildSpec: the shipped configs load, bad specs are refused naming the field, the JSON Schema is in sync."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import PROJECT, small_spec_dict
+
+from polyculture.spec import SpecError, build_spec_json_schema, load_spec, parse_spec
+
+
+def test_shipped_configs_load():
+    spec = load_spec(PROJECT / "configs" / "biographies.yaml")
+    assert spec.name == "biographies"
+    assert spec.record_schema["title"] == "Biography"
+    assert [a.name for a in spec.prompt_attributes] == ["occupation", "continent"]
+    assert spec.attributes[1].target_distribution()["Africa"] == pytest.approx(3 / 11)
+
+
+def test_generated_schema_file_is_in_sync():
+    on_disk = json.loads((PROJECT / "schemas" / "build-spec.schema.json").read_text())
+    assert on_disk == build_spec_json_schema(), "run: polyculture schema -o schemas/build-spec.schema.json"
+
+
+def test_shipped_config_validates_against_the_json_schema():
+    import jsonschema
+
+    data = yaml.safe_load((PROJECT / "configs" / "biographies.yaml").read_text())
+    jsonschema.validate(data, build_spec_json_schema())
+
+
+def test_fingerprint_is_stable_and_sensitive(spec_dir):
+    a = parse_spec(small_spec_dict(), spec_dir)
+    assert a.fingerprint() == parse_spec(small_spec_dict(), spec_dir).fingerprint()
+    assert a.fingerprint() != parse_spec(small_spec_dict(seed=4), spec_dir).fingerprint()
+
+
+def _refused(spec_dir, data) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, spec_dir)
+    return str(info.value)
+
+
+def test_unknown_key_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(sampling={"temprature": 0.7}))
+    assert "sampling.temprature: unknown key" in message
+
+
+def test_top_level_unknown_key_refused(spec_dir):
+    assert "colour: unknown key" in _refused(spec_dir, small_spec_dict(colour="red"))
+
+
+def test_weights_not_matching_values_refused(spec_dir):
+    attrs = [{"name": "occupation", "values": ["doctor", "farmer"], "weights": [1, 2, 3]}]
+    message = _refused(spec_dir, small_spec_dict(attributes=attrs))
+    assert "attributes.0" in message and "weights has 3 entries but values has 2" in message
+
+
+def test_negative_weight_refused(spec_dir):
+    attrs = [{"name": "occupation", "values": ["doctor", "farmer"], "weights": [1, -0.5]}]
+    message = _refused(spec_dir, small_spec_dict(attributes=attrs))
+    assert "attributes.0" in message and "weights must be finite and >= 0" in message
+
+
+def test_all_zero_weights_refused(spec_dir):
+    attrs = [{"name": "occupation", "values": ["doctor", "farmer"], "weights": [0, 0]}]
+    assert "must not all be 0" in _refused(spec_dir, small_spec_dict(attributes=attrs))
+
+
+def test_missing_schema_file_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(record={"schema": "nope.schema.json"}))
+    assert "record.schema" in message and "nope.schema.json" in message and "not found" in message
+
+
+def test_invalid_schema_file_refused(spec_dir):
+    (spec_dir / "bad.schema.json").write_text('{"type": "object", "properties": {"a": {"type": 12}}}')
+    message = _refused(spec_dir, small_spec_dict(record={"schema": "bad.schema.json"}))
+    assert "record.schema" in message and "not a valid JSON Schema" in message
+
+
+def test_unknown_model_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(model={"name": "gpt-17"}))
+    assert "model" in message and "unknown model 'gpt-17'" in message and "smollm2-135m-instruct" in message
+
+
+def test_unknown_engine_and_method_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(model={"engine": "llamacpp"}))
+    assert "model.engine" in message and "'vllm' or 'transformers'" in message and "llamacpp" in message
+    assert "method.name" in _refused(spec_dir, small_spec_dict(method={"name": "beam"}))
+
+
+def test_attribute_field_must_exist_in_record_schema(spec_dir):
+    attrs = [{"name": "continent", "values": ["Asia"], "source": "field"}]
+    message = _refused(spec_dir, small_spec_dict(attributes=attrs, prompt={"template": "Write a bio."}))
+    assert "attributes.continent" in message and "not in the record schema" in message
+
+
+def test_undefined_template_variable_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(prompt={"template": "A {{ occupaton }} from {{ k }} places"}))
+    assert "prompt.template" in message and "occupaton" in message
+
+
+def test_bad_template_syntax_refused(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(prompt={"template": "A {{ occupation "}))
+    assert "prompt.template" in message and "Jinja2" in message
+
+
+def test_bad_hub_repo_and_dataset_name_refused(spec_dir):
+    assert "publish.repo_id" in _refused(spec_dir, small_spec_dict(publish={"repo_id": "not a repo"}))
+    assert "name" in _refused(spec_dir, small_spec_dict(name="../escape"))
+
+
+def test_reserved_attribute_name_refused(spec_dir):
+    attrs = [{"name": "model", "values": ["a"], "field": "occupation"}]
+    message = _refused(spec_dir, small_spec_dict(attributes=attrs, prompt={"template": "x"}))
+    assert "attributes" in message and "reserved" in message
+
+
+def test_load_spec_reports_yaml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(tmp_path / "list.yaml")
