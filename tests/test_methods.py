@@ -74,10 +74,10 @@ def test_vs_parse_items_and_item_errors():
     )
     items = vs.parse(text).items
     assert items[0].fields == {"name": "a", "year": 1} and items[0].probability == 0.5 and items[0].error is None
-    assert items[1].error == 'response has no "probability"'
-    assert "not a number" in items[2].error
+    assert items[1].error == "probability: Field required (got {'name': 'b', 'year': 2})"
+    assert "valid number" in items[2].error and "'high'" in items[2].error
     assert "not an object" in items[3].error
-    assert "outside [0, 1]" in items[4].error
+    assert "less than or equal to 1" in items[4].error and "1.5" in items[4].error
     assert vs.parse('{"answers": []}').error == 'no "responses" list in the answer'
     assert vs.parse('{"responses": []}').error == '"responses" is empty'
     # a bare list of responses is accepted too

@@ -6,8 +6,9 @@ schema is built from the record schema.
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polyculture.engines.base import Conversation
 from polyculture.methods.base import ParsedItem, ParseResult, load_json_object, nested_schema
@@ -72,17 +73,20 @@ class VSStandard:
         return ParseResult(items=[_item(r) for r in responses])
 
 
+class VSResponse(BaseModel):
+    """One VS response item: the record's fields (kept as extras) plus its verbalized probability."""
+
+    model_config = ConfigDict(extra="allow")
+    probability: float = Field(ge=0, le=1, allow_inf_nan=False)
+
+
 def _item(response: Any) -> ParsedItem:
     if not isinstance(response, dict):
         return ParsedItem(fields=None, error=f"response is a {type(response).__name__}, not an object")
-    fields = dict(response)
-    raw = fields.pop("probability", None)
-    if raw is None:
-        return ParsedItem(fields=fields, error='response has no "probability"')
     try:
-        probability = float(raw)
-    except (TypeError, ValueError):
-        return ParsedItem(fields=fields, error=f"probability {raw!r} is not a number")
-    if not math.isfinite(probability) or not 0 <= probability <= 1:
-        return ParsedItem(fields=fields, error=f"probability {probability!r} is outside [0, 1]")
-    return ParsedItem(fields=fields, probability=probability)
+        item = VSResponse.model_validate(response)
+    except ValidationError as exc:
+        fields = {k: v for k, v in response.items() if k != "probability"}
+        first = exc.errors()[0]
+        return ParsedItem(fields=fields, error=f"probability: {first['msg']} (got {first.get('input')!r})")
+    return ParsedItem(fields=dict(item.model_extra or {}), probability=item.probability)

@@ -16,8 +16,9 @@ import faiss
 import numpy as np
 import polars as pl
 
+from polyculture.stages.rejects import REJECTS_SCHEMA
+
 STAGE = "dedup"
-REJECTS_SCHEMA = {"record_id": pl.String, "call_id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String}
 CLUSTERS_SCHEMA = {"record_id": pl.String, "cluster_id": pl.Int64, "representative_id": pl.String, "similarity": pl.Float64}
 # Queries per FAISS range_search call: some indexes abort on large range searches (see STACK.md), and chunking
 # also bounds the memory of one result set.

@@ -14,9 +14,9 @@ import polars as pl
 
 from polyculture.spec import Attribute
 from polyculture.stages.plan import cell_key, joint_targets
+from polyculture.stages.rejects import reject, rejects_frame
 
 STAGE = "rebalance"
-REJECTS_SCHEMA = {"record_id": pl.String, "call_id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String}
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def rebalance(
     for i in range(n):
         problem = _off_target(attributes, values, allowed, i)
         if problem:
-            rejects.append(_reject(record_ids[i], call_ids[i], "off_target_value", problem))
+            rejects.append(reject(record_ids[i], call_ids[i], STAGE, "off_target_value", problem))
             continue
         members.setdefault(tuple(values[a.name][i] for a in attributes), []).append(i)
 
@@ -73,7 +73,7 @@ def rebalance(
             keep = [pool[j] for j in chosen]
             dropped = sorted(set(pool) - set(keep))
             detail = f"cell {key} had {len(pool)} valid records for a target of {target}; kept the {target} most diverse"
-            rejects.extend(_reject(record_ids[i], call_ids[i], "surplus", detail) for i in dropped)
+            rejects.extend(reject(record_ids[i], call_ids[i], STAGE, "surplus", detail) for i in dropped)
         else:
             keep = pool
         kept_order.extend(keep)
@@ -96,7 +96,7 @@ def rebalance(
     return RebalanceResult(
         kept=records[kept_order] if n else records,
         kept_embeddings=np.ascontiguousarray(embeddings[take], dtype=np.float32),
-        rejects=pl.DataFrame(rejects, schema=REJECTS_SCHEMA),
+        rejects=rejects_frame(rejects),
         cells=pl.DataFrame(cell_rows, schema=cells_schema),
     )
 
@@ -111,10 +111,6 @@ def _off_target(
         if value not in allowed[attr.name]:
             return f"{attr.name}={value!r} is not one of {attr.values}"
     return None
-
-
-def _reject(record_id: str | None, call_id: str | None, reason: str, detail: str) -> dict[str, str | None]:
-    return {"record_id": record_id, "call_id": call_id, "stage": STAGE, "reason": reason, "detail": detail}
 
 
 def _start(pool: list[int], probs: list[float | None]) -> int:

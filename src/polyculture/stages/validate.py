@@ -14,18 +14,14 @@ import polars as pl
 
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
+from polyculture.stages.rejects import reject, rejects_frame
 
-REJECT_SCHEMA = {"record_id": pl.String, "call_id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String}
 
 
 @dataclass(frozen=True)
 class ValidationResult:
     records: pl.DataFrame
     rejects: pl.DataFrame
-
-
-def empty_rejects() -> pl.DataFrame:
-    return pl.DataFrame(schema=REJECT_SCHEMA)
 
 
 def records_schema(spec: BuildSpec) -> dict[str, Any]:
@@ -42,18 +38,18 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
     validator = validator_cls(spec.record_schema, format_checker=validator_cls.FORMAT_CHECKER)
     field_order = list(spec.record_schema["properties"])
     records: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
+    rejects: list[dict[str, str | None]] = []
     for row in completions.iter_rows(named=True):
         call_id = row["call_id"]
         parsed = method.parse(row["completion"] or "")
         if parsed.error is not None:
             reason = "truncated" if row["finish_reason"] == "length" else "unparseable"
-            rejects.append(_reject(None, call_id, "parse", reason, f"{parsed.error}: {_clip(row['completion'])}"))
+            rejects.append(reject(None, call_id, "parse", reason, f"{parsed.error}: {_clip(row['completion'])}"))
             continue
         for item_index, item in enumerate(parsed.items):
             record_id = f"{call_id}-{item_index}"
             if item.error is not None or item.fields is None:
-                rejects.append(_reject(record_id, call_id, "parse", "malformed_item", item.error or "no fields"))
+                rejects.append(reject(record_id, call_id, "parse", "malformed_item", item.error or "no fields"))
                 continue
             fields = _clean(item.fields)
             for attr in spec.prompt_attributes:
@@ -62,7 +58,7 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
             errors = sorted(validator.iter_errors(fields), key=lambda e: list(e.absolute_path))
             if errors:
                 detail = "; ".join(_schema_message(e) for e in errors[:3])
-                rejects.append(_reject(record_id, call_id, "schema", "schema_violation", detail))
+                rejects.append(reject(record_id, call_id, "schema", "schema_violation", detail))
                 continue
             ordered = {k: fields[k] for k in field_order if k in fields} | {
                 k: v for k, v in fields.items() if k not in field_order
@@ -86,7 +82,7 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
             )
     return ValidationResult(
         records=pl.DataFrame(records, schema=records_schema(spec)),
-        rejects=pl.DataFrame(rejects, schema=REJECT_SCHEMA),
+        rejects=rejects_frame(rejects),
     )
 
 
@@ -101,10 +97,6 @@ def _attribute_value(value: Any) -> str | None:
 def _schema_message(error: jsonschema.ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(record)"
     return f"{where}: {_clip(error.message, 160)}"
-
-
-def _reject(record_id: str | None, call_id: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
-    return {"record_id": record_id, "call_id": call_id, "stage": stage, "reason": reason, "detail": detail}
 
 
 def _clip(text: str | None, limit: int = 200) -> str:
