@@ -30,14 +30,14 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    method = get_method(spec.method.name, k=spec.method.k)
+    method = get_method(spec.method)
     requests = render_prompts(spec, plan(spec), method)[: args.prompts]
     conversations = [method.conversation(r.user, r.system) for r in requests]
     schema = method.response_schema(generation_schema(spec))
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, n=args.n)
     for name in args.engines.split(","):
         started = time.perf_counter()
-        engine = create_engine(name, spec.model.name, seed=spec.seed)
+        engine = create_engine(spec.model.model_copy(update={"engine": name}), seed=spec.seed)
         load_seconds = time.perf_counter() - started
         rates, parsed, calls = [], 0, 0
         for _ in range(args.repeats):

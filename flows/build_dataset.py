@@ -61,18 +61,11 @@ def plan_task(spec: BuildSpec) -> pl.DataFrame:
 
 @task(name="generate", cache_policy=NONE)
 def generate_task(spec: BuildSpec, cells: pl.DataFrame, shard_dir: Path) -> tuple[pl.DataFrame, float]:
-    method = get_method(spec.method.name, k=spec.method.k, probability_threshold=spec.method.probability_threshold)
+    method = get_method(spec.method)
     total = int(cells["n_prompts"].sum())
     progress.report("load model", 0, 1, f"{spec.model.engine}: {spec.model.name}")
     started = time.perf_counter()
-    engine = create_engine(
-        spec.model.engine,
-        spec.model.name,
-        seed=spec.seed,
-        dtype=spec.model.dtype,
-        max_model_len=spec.model.max_model_len,
-        base_dir=spec.base_dir,
-    )
+    engine = create_engine(spec.model, seed=spec.seed, base_dir=spec.base_dir)
     load_seconds = time.perf_counter() - started
     progress.report("load model", 1, 1, f"{load_seconds:.0f} s")
     try:
@@ -87,7 +80,7 @@ def generate_task(spec: BuildSpec, cells: pl.DataFrame, shard_dir: Path) -> tupl
 
 @task(name="validate", cache_policy=NONE)
 def validate_task(spec: BuildSpec, completions: pl.DataFrame) -> Any:
-    method = get_method(spec.method.name, k=spec.method.k, probability_threshold=spec.method.probability_threshold)
+    method = get_method(spec.method)
     return validate(spec, completions, method)
 
 

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
+from polyculture.spec import ModelSpec
 from polyculture.engines.models import ModelUnavailable, resolve_chat_model
 
 NUMBER_SCHEMA = {
@@ -23,7 +24,7 @@ NUMBER_ONLY = [{"role": "user", "content": "Pick a number from 1 to 10. Answer w
 
 @pytest.fixture(scope="module")
 def tf_engine():
-    engine = create_engine("transformers", "smollm2-135m-instruct", seed=11)
+    engine = create_engine(ModelSpec(engine="transformers"), seed=11)
     yield engine
     engine.close()
 
@@ -51,8 +52,6 @@ def test_hub_id_not_cached_fails_saying_so():
         resolve_chat_model("someone/model-that-is-not-here")
     with pytest.raises(ModelUnavailable, match="unknown model"):
         resolve_chat_model("not-a-model")
-    with pytest.raises(EngineError, match="unknown engine"):
-        create_engine("llamacpp", "smollm2-135m-instruct")
 
 
 def test_transformers_sampling_n_and_tokens(tf_engine):
@@ -72,8 +71,8 @@ def test_transformers_constrained_json(tf_engine):
 
 def test_transformers_same_seed_same_samples():
     params = SamplingParams(temperature=1.0, max_tokens=12, n=2)
-    a = create_engine("transformers", "smollm2-135m-instruct", seed=5).generate([NUMBER_ONLY], params)
-    b = create_engine("transformers", "smollm2-135m-instruct", seed=5).generate([NUMBER_ONLY], params)
+    a = create_engine(ModelSpec(engine="transformers"), seed=5).generate([NUMBER_ONLY], params)
+    b = create_engine(ModelSpec(engine="transformers"), seed=5).generate([NUMBER_ONLY], params)
     assert [c.text for c in a[0]] == [c.text for c in b[0]]
 
 
@@ -93,7 +92,7 @@ def test_transformers_sequence_logprobs(tf_engine):
 @pytest.mark.slow
 def test_vllm_engine(tf_engine):
     """One vLLM start (~1-1.5 min on 2 cores) covers sampling, constrained JSON and log-probs."""
-    engine = create_engine("vllm", "smollm2-135m-instruct", seed=11)
+    engine = create_engine(ModelSpec(engine="vllm"), seed=11)
     try:
         out = engine.generate([NUMBER_ONLY] * 3, SamplingParams(temperature=1.0, max_tokens=8, n=2))
         assert [len(row) for row in out] == [2, 2, 2]

@@ -67,7 +67,7 @@ def test_validate_vs_items_and_truncation(spec_dir):
     ]
     frame = _completions(spec, "vs_standard", texts)
     frame = frame.with_columns(pl.Series("finish_reason", ["stop", "length"]))
-    result = validate(spec, frame, get_method("vs_standard", k=2))
+    result = validate(spec, frame, get_method(spec.method))
     assert result.records["verbalized_probability"].to_list() == [0.7]
     assert result.records["record_id"].to_list() == ["c0-p0-s0-0"]
     reasons = sorted(result.rejects["reason"].to_list())
@@ -77,7 +77,7 @@ def test_validate_vs_items_and_truncation(spec_dir):
 def test_generate_writes_shards_and_resumes(spec_dir, tmp_path):
     spec = parse_spec(small_spec_dict(sampling={"max_tokens": 60, "n": 2}, model={"batch_size": 1}), spec_dir)
     cells = plan(spec)
-    engine = create_engine("transformers", spec.model.name, seed=spec.seed)
+    engine = create_engine(spec.model, seed=spec.seed)
     method = get_method("direct")
     seen = []
     completions = generate(spec, cells, engine, method, tmp_path / "shards", on_batch=lambda d, t: seen.append((d, t)))

@@ -87,7 +87,7 @@ def test_unknown_model_refused(spec_dir):
 
 def test_unknown_engine_and_method_refused(spec_dir):
     message = _refused(spec_dir, small_spec_dict(model={"engine": "llamacpp"}))
-    assert "model.engine" in message and "'vllm' or 'transformers'" in message and "llamacpp" in message
+    assert "model.engine" in message and "'vllm', 'transformers' or 'openai'" in message and "llamacpp" in message
     assert "method.name" in _refused(spec_dir, small_spec_dict(method={"name": "beam"}))
 
 

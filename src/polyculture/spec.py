@@ -21,8 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from polyculture.engines.models import EMBEDDED_CHAT_MODELS, EMBEDDED_EMBEDDING_MODELS, check_model_name
 
-METHOD_NAMES = ("direct", "vs_standard")
-ENGINE_NAMES = ("vllm", "transformers")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -106,26 +104,67 @@ class RecordSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+MethodName = Literal["direct", "cot", "sequence", "multi_turn", "vs_standard", "vs_cot", "vs_multi"]
+ProbabilityDefinition = Literal["explicit", "implicit", "relative", "percentage", "confidence"]
+
+
 class MethodSpec(_Strict):
-    name: Literal["direct", "vs_standard"] = Field(default="vs_standard", description="Prompting method.")
-    k: int = Field(default=5, ge=1, le=20, description="Responses per call (Verbalized Sampling).")
+    name: MethodName = Field(
+        default="vs_standard",
+        description="Prompting method: direct, cot, sequence (k as a list), multi_turn (one alternative per turn), "
+        "vs_standard, vs_cot (reasoning first), vs_multi (k split over turns).",
+    )
+    k: int = Field(default=5, ge=1, le=50, description="Responses per call (sequence, VS) or turns (multi_turn).")
+    turns: int = Field(default=2, ge=1, le=20, description="vs_multi: the k responses are asked for over this many turns.")
+    probability_definition: ProbabilityDefinition = Field(
+        default="explicit", description="How VS asks for each response's probability."
+    )
     probability_threshold: float | None = Field(
         default=None,
         gt=0,
         le=1,
         description="VS tail sampling: ask that each response's probability be below this value.",
     )
+    selection: Literal["all", "sample", "threshold"] = Field(
+        default="all",
+        description="How a VS answer becomes records: keep all (with their verbalized weights), sample one by the "
+        "verbalized weights, or drop those under selection_threshold keeping at least min_keep.",
+    )
+    selection_threshold: float | None = Field(default=None, ge=0, le=1, description="With selection: threshold.")
+    min_keep: int = Field(default=1, ge=1, description="With selection: threshold, keep at least this many.")
+
+    @model_validator(mode="after")
+    def _selection(self) -> MethodSpec:
+        if self.selection == "threshold" and self.selection_threshold is None:
+            raise ValueError("selection 'threshold' needs selection_threshold (a probability in [0, 1])")
+        if self.name == "vs_multi" and self.turns > self.k:
+            raise ValueError(f"vs_multi splits k={self.k} responses over turns={self.turns}: turns must be <= k")
+        return self
 
 
 class ModelSpec(_Strict):
     name: str = Field(
         default="smollm2-135m-instruct",
-        description=f"An embedded model ({', '.join(EMBEDDED_CHAT_MODELS)}), a local Hugging Face folder, or a hub id.",
+        description=f"An embedded model ({', '.join(EMBEDDED_CHAT_MODELS)}), a local Hugging Face folder, or a hub id; "
+        "with engine openai, the model id the server serves.",
     )
-    engine: Literal["vllm", "transformers"] = Field(default="vllm")
+    engine: Literal["vllm", "transformers", "openai"] = Field(default="vllm")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto")
     max_model_len: int = Field(default=2048, ge=128)
     batch_size: int = Field(default=16, ge=1, description="Prompts per engine call (and per parquet shard).")
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="engine openai: the server's base URL, e.g. http://host:8000/v1."
+    )
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="engine openai: environment variable with the key.")
+    max_concurrency: int = Field(default=16, ge=1, le=1024, description="engine openai: requests in flight at once.")
+    request_timeout: float = Field(default=300.0, gt=0, description="engine openai: seconds per request.")
+    max_retries: int = Field(default=3, ge=0, le=20, description="engine openai: retries with backoff per request.")
+
+    @model_validator(mode="after")
+    def _server(self) -> ModelSpec:
+        if self.engine == "openai" and self.base_url is None:
+            raise ValueError("engine 'openai' needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 class SamplingSpec(_Strict):
@@ -190,7 +229,8 @@ class BuildSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
-        check_model_name(model.name, EMBEDDED_CHAT_MODELS, _base_dir(info))
+        if model.engine != "openai":  # a server's model id is the server's business
+            check_model_name(model.name, EMBEDDED_CHAT_MODELS, _base_dir(info))
         return model
 
     @field_validator("dedup")

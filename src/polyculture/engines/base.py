@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from polyculture.spec import ModelSpec
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 Conversation = list[Message]
@@ -52,27 +56,18 @@ class EngineError(RuntimeError):
     """An engine that cannot start or run; the message says why."""
 
 
-def create_engine(
-    engine: str,
-    model_name: str,
-    *,
-    seed: int = 0,
-    dtype: str = "auto",
-    max_model_len: int = 2048,
-    base_dir: Any = ".",
-) -> Engine:
-    """Build an engine by name; imports are lazy so one engine's dependencies never load for the other."""
-    from pathlib import Path
-
+def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = ".") -> Engine:
+    """Build the engine a spec's `model:` section describes; imports are lazy so one engine's dependencies never
+    load for another."""
     from polyculture.engines.models import resolve_chat_model
 
-    resolved = resolve_chat_model(model_name, Path(base_dir))
-    if engine == "transformers":
+    if model.engine == "transformers":
         from polyculture.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(resolved, seed=seed, dtype=dtype)
-    if engine == "vllm":
+        return TransformersEngine(resolve_chat_model(model.name, Path(base_dir)), seed=seed, dtype=model.dtype)
+    if model.engine == "vllm":
         from polyculture.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(resolved, seed=seed, dtype=dtype, max_model_len=max_model_len)
-    raise EngineError(f"unknown engine '{engine}'; allowed: vllm, transformers")
+        resolved = resolve_chat_model(model.name, Path(base_dir))
+        return VLLMEngine(resolved, seed=seed, dtype=model.dtype, max_model_len=model.max_model_len)
+    raise EngineError(f"unknown engine '{model.engine}'; allowed: vllm, transformers")

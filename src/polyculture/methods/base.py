@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from polyculture.engines.base import Conversation
+
+if TYPE_CHECKING:
+    from polyculture.spec import MethodSpec
 
 # Keys that describe a schema document rather than constrain a value; dropped when a schema is nested.
 _SCHEMA_META_KEYS = ("$schema", "$id", "title", "description", "examples")
@@ -65,12 +68,19 @@ def load_json_object(text: str) -> tuple[Any, str | None]:
         return None, first_error
 
 
-def get_method(name: str, *, k: int = 5, probability_threshold: float | None = None) -> Method:
+def get_method(spec: MethodSpec | str, **options: Any) -> Method:
+    """The method a spec's `method:` section describes (or a name plus MethodSpec fields, for tests and benches)."""
     from polyculture.methods.direct import Direct
     from polyculture.methods.vs_standard import VSStandard
+    from polyculture.spec import MethodSpec
 
-    if name == "direct":
+    if isinstance(spec, str):
+        try:
+            spec = MethodSpec(name=spec, **options)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"unknown method '{spec}' or bad options {options}: {exc}") from None
+    if spec.name == "direct":
         return Direct()
-    if name == "vs_standard":
-        return VSStandard(k=k, probability_threshold=probability_threshold)
-    raise ValueError(f"unknown method '{name}'; allowed: direct, vs_standard")
+    if spec.name == "vs_standard":
+        return VSStandard(k=spec.k, probability_threshold=spec.probability_threshold)
+    raise ValueError(f"method '{spec.name}' is not implemented yet")
