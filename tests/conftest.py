@@ -63,6 +63,21 @@ def spec_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A per-test POLYCULTURE_CACHE, so cache tests never read or write the user's cache."""
+    monkeypatch.setenv("POLYCULTURE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real MiniLM embedder, loaded once for the session (its disk cache follows POLYCULTURE_CACHE per call)."""
+    from polyculture.stages.embed import load_embedder
+
+    return load_embedder("minilm-l6")
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (SQLite) for every flow test; stopped at the end of the session."""

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import pytest
 
@@ -13,16 +9,7 @@ from polyculture.engines.models import ModelUnavailable
 from polyculture.stages import embed
 from polyculture.stages.embed import Embedder, load_embedder
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("POLYCULTURE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return load_embedder("minilm-l6")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
@@ -83,10 +70,10 @@ def test_cache_hit_returns_identical_vectors_without_encoding(embedder, calls):
     np.testing.assert_array_equal(third[0], second[1])
 
 
-def test_disk_cache_survives_a_new_embedder(embedder, _cache):
+def test_disk_cache_survives_a_new_embedder(embedder, private_cache):
     texts = ["persisted one", "persisted two"]
     original = embedder.encode(texts)
-    assert all(p.suffix == ".npz" and not p.name.startswith(".") for p in _shards(_cache))
+    assert all(p.suffix == ".npz" and not p.name.startswith(".") for p in _shards(private_cache))
 
     fresh = Embedder("minilm-l6")  # a new process would see only the disk
     seen = []
@@ -96,10 +83,10 @@ def test_disk_cache_survives_a_new_embedder(embedder, _cache):
     assert seen == []
 
 
-def test_damaged_and_leftover_files_are_ignored(embedder, _cache):
+def test_damaged_and_leftover_files_are_ignored(embedder, private_cache):
     reference = embedder.encode(["robust text"])
-    folder = _cache / "embeddings" / "minilm-l6"
-    for shard in _shards(_cache):
+    folder = private_cache / "embeddings" / "minilm-l6"
+    for shard in _shards(private_cache):
         shard.write_bytes(b"not a zip file")  # a damaged shard
     (folder / ".crashed.npz.tmp").write_bytes(b"half")  # a write that never finished
 
@@ -107,11 +94,11 @@ def test_damaged_and_leftover_files_are_ignored(embedder, _cache):
     np.testing.assert_allclose(fresh.encode(["robust text"]), reference, atol=1e-6)  # re-encoded, not crashed
 
 
-def test_compaction_keeps_every_vector(embedder, _cache, monkeypatch):
+def test_compaction_keeps_every_vector(embedder, private_cache, monkeypatch):
     monkeypatch.setattr(embed, "_COMPACT_AFTER", 2)
     texts = [f"compaction sentence number {i}" for i in range(5)]
     vectors = np.vstack([embedder.encode([t]) for t in texts])
-    assert len(_shards(_cache)) <= 3
+    assert len(_shards(private_cache)) <= 3
 
     fresh = Embedder("minilm-l6")
     seen = []

@@ -16,6 +16,7 @@ from huggingface_hub import DatasetCard
 import polyculture.stages.publish as publish
 from polyculture.spec import BuildSpec, parse_spec
 from polyculture.stages.publish import PublishError, publish_local, size_category
+from polyculture.stages.rejects import rejects_frame
 from polyculture.stages.report import write_report
 
 SCHEMA = {
@@ -205,7 +206,7 @@ def test_publish_after_real_report(tmp_path: Path) -> None:
     rdir = tmp_path / "run" / "report"
     report = write_report(
         spec, run_id="run-8", counts={"planned": 3, "final": 3}, validated=final, validated_embeddings=np.eye(3),
-        final=final, final_embeddings=np.eye(3), rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={},
+        final=final, final_embeddings=np.eye(3), rejects=rejects_frame(), cells=pl.DataFrame(), usage={},
         out_dir=rdir,
     )  # fmt: skip
     assert report["attributes"]["job"]["target_counts"] == {"doctor": 2, "teacher": 1}

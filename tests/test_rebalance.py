@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import polars as pl
 import pytest
 
 from polyculture.spec import Attribute
-from polyculture.stages.embed import load_embedder
 from polyculture.stages.rebalance import farthest_point_order, rebalance
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("POLYCULTURE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder("minilm-l6")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 OCCUPATION = Attribute(name="occupation", values=["doctor", "teacher"])

@@ -61,6 +61,9 @@ def write_report(
 
     reject_groups = _reject_groups(rejects)
     short = _short_cells(cells)
+    # Calls whose whole answer could not be read (as opposed to single bad items inside a readable answer).
+    failed_calls = rejects.filter((pl.col("stage") == "parse") & pl.col("record_id").is_null()).height
+    completions = int(counts.get("completions", 0))
     plots_dir = out_dir / "plots"
     plots = {name: _plot_attribute(name, entry, plots_dir) for name, entry in attributes.items()}
 
@@ -85,6 +88,7 @@ def write_report(
             "distinct_2_after": after["distinct_2"],
             "rejects": int(rejects.height),
             "short_cells": len(short),
+            "parse_failure_rate": failed_calls / completions if completions else 0.0,
         },
         "counts": {str(k): int(v) for k, v in counts.items()},
         "diversity": {"before": before, "after": after},
@@ -247,7 +251,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     gen = report["generation"]
     lines += [
         f"Run `{report['run_id']}`: {report['headline']['records']} records (target {report['headline']['target_size']}),"
-        f" model `{gen['model']}` on {gen['engine']}, method `{gen['method']['name']}`.",
+        f" model `{gen['model']}` on {gen['engine']}, method `{gen['method']['name']}`;"
+        f" {report['headline']['parse_failure_rate']:.1%} of calls gave an answer that could not be parsed.",
         "",
         "## Records after each stage",
         "",
