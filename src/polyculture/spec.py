@@ -137,6 +137,15 @@ class MethodSpec(_Strict):
     def _selection(self) -> MethodSpec:
         if self.selection == "threshold" and self.selection_threshold is None:
             raise ValueError("selection 'threshold' needs selection_threshold (a probability in [0, 1])")
+        if not self.name.startswith("vs_"):
+            vs_only = {
+                "probability_definition": self.probability_definition != "explicit",
+                "probability_threshold": self.probability_threshold is not None,
+                "selection": self.selection != "all",
+            }
+            used = [key for key, set_ in vs_only.items() if set_]
+            if used:
+                raise ValueError(f"{used} apply to Verbalized Sampling methods (vs_*), not to '{self.name}'")
         if self.name == "vs_multi" and self.turns > self.k:
             raise ValueError(f"vs_multi splits k={self.k} responses over turns={self.turns}: turns must be <= k")
         return self
@@ -310,7 +319,8 @@ class BuildSpec(_Strict):
 # Pipeline columns an attribute (a column of its own in every frame) must not shadow.
 RESERVED_COLUMNS = frozenset(
     {"call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "system", "user", "completion", "prompt_tokens",
-     "completion_tokens", "finish_reason", "method", "model", "engine", "batch_seconds", "record_id", "item_index",
+     "completion_tokens", "finish_reason", "method", "model", "engine", "batch_seconds", "shard", "turn", "messages",
+     "record_id", "item_index",
      "verbalized_probability", "record_json", "text", "quota", "n_prompts", "target", "available", "kept",
      "deficit", "reason"}
 )  # fmt: skip

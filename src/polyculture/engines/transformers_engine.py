@@ -44,7 +44,8 @@ class TransformersEngine:
     def _compiled_grammar(self, json_schema: dict[str, Any]) -> Any:
         import xgrammar as xgr
 
-        key = json.dumps(json_schema, sort_keys=True)
+        # Not sorted: property order is generation order (a "reasoning" field must come first).
+        key = json.dumps(json_schema)
         if key not in self._grammars:
             if self._xgr_info is None:
                 self._xgr_info = xgr.TokenizerInfo.from_huggingface(

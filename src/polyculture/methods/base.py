@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from polyculture.engines.base import Conversation
+from polyculture.methods.selection import Selection
 
 if TYPE_CHECKING:
     from polyculture.spec import MethodSpec
@@ -31,13 +32,28 @@ class ParseResult:
 
 
 class Method(Protocol):
+    """A prompting method. One *call* is one thread: the first turn's conversation, then `turns - 1` follow-ups,
+    each appended after the model's previous answer. Every turn's completion is an answer of its own."""
+
     name: str
-    items_per_call: int
+    k: int  # responses the method asks for per call, over all its turns (the template variable `k`)
+    items_per_call: int  # records one call is expected to yield after selection (for planning)
+    turns: int  # 1 for single-turn methods
+    selection: Selection  # how an answer's parsed responses become records (VS methods; "all" for the others)
 
-    def conversation(self, user: str, system: str | None) -> Conversation: ...
+    def conversation(self, user: str, system: str | None) -> Conversation:
+        """The first turn's messages."""
+        ...
 
-    def response_schema(self, item_schema: dict[str, Any]) -> dict[str, Any]:
-        """The JSON Schema of a whole completion, given the schema of one record (for constrained decoding)."""
+    def follow_up(self, turn: int) -> str:
+        """The user message of turn `turn` (1 <= turn < turns), sent after the model's previous answer."""
+        ...
+
+    def response_schema(self, item_schema: dict[str, Any], turn: int | None = None) -> dict[str, Any]:
+        """The JSON Schema of a whole completion, given the schema of one record (for constrained decoding).
+
+        With `turn`, that turn's exact answer (vs_multi asks for different counts per turn); without, a schema that
+        every turn's answer satisfies."""
         ...
 
     def parse(self, text: str) -> ParseResult:
@@ -45,8 +61,31 @@ class Method(Protocol):
         ...
 
 
+class SingleTurn:
+    """Mixin: one turn, every response kept."""
+
+    turns = 1
+    selection = Selection()
+
+    def follow_up(self, turn: int) -> str:
+        raise ValueError(f"method '{getattr(self, 'name', '?')}' has a single turn; there is no turn {turn}")
+
+
 def nested_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in schema.items() if k not in _SCHEMA_META_KEYS}
+
+
+def with_leading_field(item_schema: dict[str, Any], name: str, field_schema: dict[str, Any]) -> dict[str, Any]:
+    """The record schema with one more required property placed first (constrained decoding writes it first)."""
+    item = nested_schema(item_schema)
+    properties = item.get("properties", {})
+    if name in properties:
+        raise ValueError(f"the record schema has a field '{name}', which this method uses for itself; rename it")
+    return {
+        **item,
+        "properties": {name: field_schema, **properties},
+        "required": [name, *[r for r in item.get("required", []) if r != name]],
+    }
 
 
 def load_json_object(text: str) -> tuple[Any, str | None]:
@@ -58,6 +97,8 @@ def load_json_object(text: str) -> tuple[Any, str | None]:
         return json.loads(stripped), None
     except json.JSONDecodeError as exc:
         first_error = f"invalid JSON: {exc.msg} at char {exc.pos}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
     start = min((i for i in (stripped.find("{"), stripped.find("[")) if i >= 0), default=-1)
     if start < 0:
         return None, "no JSON object in completion"
@@ -66,11 +107,28 @@ def load_json_object(text: str) -> tuple[Any, str | None]:
         return value, None
     except json.JSONDecodeError:
         return None, first_error
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
+
+
+def responses_list(value: Any) -> tuple[list[Any] | None, str | None]:
+    """The list under "responses" (or a bare list of responses); (None, reason) when there is none or it is empty."""
+    responses = value.get("responses") if isinstance(value, dict) else value
+    if not isinstance(responses, list):
+        return None, 'no "responses" list in the answer'
+    if not responses:
+        return None, '"responses" is empty'
+    return responses, None
 
 
 def get_method(spec: MethodSpec | str, **options: Any) -> Method:
     """The method a spec's `method:` section describes (or a name plus MethodSpec fields, for tests and benches)."""
+    from polyculture.methods.cot import CoT
     from polyculture.methods.direct import Direct
+    from polyculture.methods.multi_turn import MultiTurn
+    from polyculture.methods.sequence import Sequence
+    from polyculture.methods.vs_cot import VSCoT
+    from polyculture.methods.vs_multi import VSMulti
     from polyculture.methods.vs_standard import VSStandard
     from polyculture.spec import MethodSpec
 
@@ -81,6 +139,22 @@ def get_method(spec: MethodSpec | str, **options: Any) -> Method:
             raise ValueError(f"unknown method '{spec}' or bad options {options}: {exc}") from None
     if spec.name == "direct":
         return Direct()
+    if spec.name == "cot":
+        return CoT()
+    if spec.name == "sequence":
+        return Sequence(k=spec.k)
+    if spec.name == "multi_turn":
+        return MultiTurn(k=spec.k)
+    vs_options: dict[str, Any] = {
+        "k": spec.k,
+        "probability_definition": spec.probability_definition,
+        "probability_threshold": spec.probability_threshold,
+        "selection": Selection.from_spec(spec),
+    }
     if spec.name == "vs_standard":
-        return VSStandard(k=spec.k, probability_threshold=spec.probability_threshold)
-    raise ValueError(f"method '{spec.name}' is not implemented yet")
+        return VSStandard(**vs_options)
+    if spec.name == "vs_cot":
+        return VSCoT(**vs_options)
+    if spec.name == "vs_multi":
+        return VSMulti(turns=spec.turns, **vs_options)
+    raise ValueError(f"method '{spec.name}' is not implemented")

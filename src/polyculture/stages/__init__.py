@@ -4,14 +4,25 @@ Frames passed between stages (column: dtype):
 
 cells (plan)         cell_id: i64, cell_key: str ("occupation=doctor|continent=Asia"), one str column per prompt
                      attribute, quota: i64 (records wanted), n_prompts: i64 (prompts to send)
-completions (generate) call_id: str, cell_id: i64, cell_key: str, prompt attribute columns, prompt_index: i64,
-                     sample_index: i64, system: str|null, user: str, completion: str, prompt_tokens: i64,
-                     completion_tokens: i64, finish_reason: str, method: str, model: str, engine: str
+completions (generate) call_id: str ("c{cell}-p{prompt}-s{sample}", plus "-t{turn}" for multi-turn methods:
+                     unique per completion), cell_id: i64, cell_key: str, prompt attribute columns, prompt_index: i64,
+                     sample_index: i64, turn: i64 (0 for single-turn methods), system: str|null, user: str (the
+                     rendered request; the same on every turn of a thread), messages: str (JSON list of the chat
+                     messages sent for this completion: for turn t > 0 the earlier turns, each previous answer as an
+                     assistant message, and the method's follow-up), completion: str, prompt_tokens: i64,
+                     completion_tokens: i64, finish_reason: str, method: str, model: str, engine: str, shard: i64,
+                     batch_seconds: f64 (engine time of the whole shard, all turns; sum it once per shard).
+                     One row per completion; a multi-turn thread is the rows sharing cell_id, prompt_index and
+                     sample_index, ordered by turn.
 records (validate)   record_id: str (call_id + "-" + item_index), call_id: str, cell_id: i64, cell_key: str,
-                     item_index: i64, method: str, model: str, verbalized_probability: f64|null,
+                     item_index: i64, turn: i64, method: str, model: str, verbalized_probability: f64|null (in
+                     [0, 1]; a percentage answer is divided by 100; null for methods without probabilities),
                      record_json: str (canonical JSON of the validated record), text: str (what is embedded),
                      one str column per attribute (prompt attributes: set by the pipeline; field attributes: read
-                     from the record, null when absent)
+                     from the record, null when absent). Each completion (each turn) is its own answer; the
+                     method's selection (all | sample | threshold) runs per answer over its schema-valid records.
 rejects (any stage)  record_id: str|null, call_id: str, stage: str, reason: str, detail: str
+                     (validate writes stage "parse" (unparseable, truncated, malformed_item), "schema"
+                     (schema_violation) and "select" (not_sampled, below_threshold))
 embeddings           np.ndarray float32 (rows aligned with the records frame, L2-normalised)
 """

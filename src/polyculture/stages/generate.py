@@ -1,10 +1,17 @@
-"""generate: render prompts per cell, call the engine in batches, write each batch as a parquet shard."""
+"""generate: render prompts per cell, call the engine in batches, write each batch as a parquet shard.
+
+Multi-turn methods (multi_turn, vs_multi) run turn by turn inside a batch: the first turn samples n completions per
+prompt, each of which becomes its own thread (conversation) that later turns continue with n=1, appending the
+model's previous answer and the method's follow-up message. Every turn's completion is a row of its own (`turn`),
+and all turns of a batch go into the batch's one shard, so resume stays per batch.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +22,12 @@ from polyculture.engines.base import Conversation, Engine, SamplingParams
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
 
-COMPLETION_COLUMNS = [  # plus shard (i64) and batch_seconds (f64): timing per engine call
-
-    "call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "system", "user", "completion",
-    "prompt_tokens", "completion_tokens", "finish_reason", "method", "model", "engine",
+COMPLETION_COLUMNS = [  # plus one column per prompt attribute after cell_key
+    "call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "turn", "system", "user", "messages",
+    "completion", "prompt_tokens", "completion_tokens", "finish_reason", "method", "model", "engine", "shard",
+    "batch_seconds",
 ]  # fmt: skip
+_INT_COLUMNS = {"cell_id", "prompt_index", "sample_index", "turn", "prompt_tokens", "completion_tokens", "shard"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
     for cell in cells.iter_rows(named=True):
         values = {name: cell[name] for name in names}
         for index in range(cell["n_prompts"]):
-            variables = {**values, "k": method.items_per_call, "index": index}
+            variables = {**values, "k": getattr(method, "k", method.items_per_call), "index": index}
             requests.append(
                 PromptRequest(
                     cell_id=cell["cell_id"],
@@ -80,71 +88,148 @@ def generate(
     shard_dir: Path,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> pl.DataFrame:
-    """All completions of the plan. A shard already on disk is read back, not regenerated (resume after a crash).
+    """All completions of the plan, one row per completion and turn. A shard already on disk is read back, not
+    regenerated (resume after a crash).
 
-    `on_batch(done_prompts, total_prompts)` is called after each batch, for progress displays.
+    `on_batch(done_prompts, total_prompts)` is called after each batch (all its turns), for progress displays.
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
     requests = render_prompts(spec, cells, method)
-    response_schema = method.response_schema(generation_schema(spec))
+    item_schema = generation_schema(spec)
+    turns = getattr(method, "turns", 1)
+    # Every turn's schema up front: a record schema the method cannot use is refused before any engine call.
+    schemas = [method.response_schema(item_schema, turn=t) for t in range(turns)]
     params = SamplingParams(
         temperature=spec.sampling.temperature,
         top_p=spec.sampling.top_p,
         max_tokens=spec.sampling.max_tokens,
         n=spec.sampling.n,
     )
+    columns = _column_order(spec)
     frames = []
     done = 0
     for shard, batch in _batches(requests, spec.model.batch_size):
         path = shard_dir / f"shard-{shard:05d}.parquet"
         if path.is_file():
-            frames.append(pl.read_parquet(path))
+            frames.append(_upgrade(pl.read_parquet(path), method).select(columns))
         else:
-            conversations: list[Conversation] = [method.conversation(r.user, r.system) for r in batch]
             started = time.perf_counter()
-            outputs = engine.generate(conversations, params, json_schema=response_schema)
-            frame = _completions_frame(spec, batch, outputs, engine, method)
-            # Shard-level timing, repeated on each of the shard's rows: sum it once per shard.
+            rows = _run_batch(spec, batch, engine, method, schemas, params)
+            frame = _completions_frame(rows, spec)
+            # Shard-level timing (all turns), repeated on each of the shard's rows: sum it once per shard.
             frame = frame.with_columns(
                 pl.lit(shard, dtype=pl.Int64).alias("shard"),
-                pl.lit(time.perf_counter() - started).alias("batch_seconds"),
-            )
+                pl.lit(time.perf_counter() - started, dtype=pl.Float64).alias("batch_seconds"),
+            ).select(columns)
             _write_atomic(frame, path)
             frames.append(frame)
         done += len(batch)
         if on_batch is not None:
             on_batch(done, len(requests))
     if not frames:
-        return pl.DataFrame(schema={c: pl.String for c in COMPLETION_COLUMNS})
+        return pl.DataFrame(schema=_empty_schema(spec))
     return pl.concat(frames, how="vertical")
 
 
-def _completions_frame(
-    spec: BuildSpec, batch: list[PromptRequest], outputs: list[list[Any]], engine: Engine, method: Method
-) -> pl.DataFrame:
-    rows = []
-    for request, completions in zip(batch, outputs, strict=True):
+@dataclass
+class _Thread:
+    request: PromptRequest
+    sample_index: int
+    conversation: Conversation  # the messages sent for the latest turn
+    answer: str  # the model's latest answer
+
+
+def _run_batch(
+    spec: BuildSpec,
+    batch: list[PromptRequest],
+    engine: Engine,
+    method: Method,
+    schemas: list[dict[str, Any]],
+    params: SamplingParams,
+) -> list[dict[str, Any]]:
+    """The rows of one batch, thread by thread (prompt, sample), turn after turn within a thread."""
+    turns = len(schemas)
+    conversations: list[Conversation] = [method.conversation(r.user, r.system) for r in batch]
+    outputs = engine.generate(conversations, params, json_schema=schemas[0])
+    threads: list[_Thread] = []
+    rows: list[list[dict[str, Any]]] = []
+    for request, conversation, completions in zip(batch, conversations, outputs, strict=True):
         for sample_index, completion in enumerate(completions):
-            rows.append(
-                {
-                    "call_id": f"c{request.cell_id}-p{request.prompt_index}-s{sample_index}",
-                    "cell_id": request.cell_id,
-                    "cell_key": request.cell_key,
-                    **request.attributes,
-                    "prompt_index": request.prompt_index,
-                    "sample_index": sample_index,
-                    "system": request.system,
-                    "user": request.user,
-                    "completion": completion.text,
-                    "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": completion.completion_tokens,
-                    "finish_reason": completion.finish_reason,
-                    "method": method.name,
-                    "model": spec.model.name,
-                    "engine": engine.name,
-                }
-            )
-    return pl.DataFrame(rows, infer_schema_length=None, schema_overrides={"system": pl.String, "completion": pl.String})
+            threads.append(_Thread(request, sample_index, conversation, completion.text))
+            rows.append([_row(spec, engine, method, threads[-1], 0, turns, completion)])
+    follow_params = replace(params, n=1)
+    for turn in range(1, turns):
+        follow_up = {"role": "user", "content": method.follow_up(turn)}
+        for thread in threads:
+            thread.conversation = [*thread.conversation, {"role": "assistant", "content": thread.answer}, follow_up]
+        outputs = engine.generate([t.conversation for t in threads], follow_params, json_schema=schemas[turn])
+        for index, (thread, completions) in enumerate(zip(threads, outputs, strict=True)):
+            completion = completions[0]
+            thread.answer = completion.text
+            rows[index].append(_row(spec, engine, method, thread, turn, turns, completion))
+    return [row for thread_rows in rows for row in thread_rows]
+
+
+def _row(
+    spec: BuildSpec, engine: Engine, method: Method, thread: _Thread, turn: int, turns: int, completion: Any
+) -> dict[str, Any]:
+    request = thread.request
+    call_id = f"c{request.cell_id}-p{request.prompt_index}-s{thread.sample_index}"
+    return {
+        # Unique per completion: multi-turn methods name the turn.
+        "call_id": f"{call_id}-t{turn}" if turns > 1 else call_id,
+        "cell_id": request.cell_id,
+        "cell_key": request.cell_key,
+        **request.attributes,
+        "prompt_index": request.prompt_index,
+        "sample_index": thread.sample_index,
+        "turn": turn,
+        "system": request.system,
+        "user": request.user,
+        "messages": json.dumps(thread.conversation, ensure_ascii=False),
+        "completion": completion.text,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "finish_reason": completion.finish_reason,
+        "method": method.name,
+        "model": spec.model.name,
+        "engine": engine.name,
+    }
+
+
+def _empty_schema(spec: BuildSpec) -> dict[str, Any]:
+    schema: dict[str, Any] = {}
+    for column in _column_order(spec):
+        if column in _INT_COLUMNS:
+            schema[column] = pl.Int64
+        elif column == "batch_seconds":
+            schema[column] = pl.Float64
+        else:
+            schema[column] = pl.String
+    return schema
+
+
+def _column_order(spec: BuildSpec) -> list[str]:
+    at = COMPLETION_COLUMNS.index("cell_key") + 1
+    return [*COMPLETION_COLUMNS[:at], *(a.name for a in spec.prompt_attributes), *COMPLETION_COLUMNS[at:]]
+
+
+def _completions_frame(rows: list[dict[str, Any]], spec: BuildSpec) -> pl.DataFrame:
+    schema = {k: v for k, v in _empty_schema(spec).items() if k not in ("shard", "batch_seconds")}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _upgrade(frame: pl.DataFrame, method: Method) -> pl.DataFrame:
+    """A shard written before the turn/messages columns existed (single-turn methods only): add them."""
+    if "turn" not in frame.columns:
+        frame = frame.with_columns(pl.lit(0, dtype=pl.Int64).alias("turn"))
+    if "messages" not in frame.columns:
+        messages = [
+            json.dumps(method.conversation(user, system), ensure_ascii=False)
+            for user, system in zip(frame["user"].to_list(), frame["system"].to_list(), strict=True)
+        ]
+        frame = frame.with_columns(pl.Series("messages", messages, dtype=pl.String))
+    return frame
 
 
 def _write_atomic(frame: pl.DataFrame, path: Path) -> None:

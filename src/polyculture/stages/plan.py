@@ -119,7 +119,10 @@ def _greedy_rounding(
 
 
 def items_per_call(spec: BuildSpec) -> int:
-    return spec.method.k if spec.method.name.startswith("vs_") else 1
+    """Records one prompt sample yields after the method's own selection (k for sequence and VS, turns, ...)."""
+    from polyculture.methods import get_method
+
+    return get_method(spec.method).items_per_call
 
 
 def plan(spec: BuildSpec) -> pl.DataFrame:

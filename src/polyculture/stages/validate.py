@@ -1,6 +1,9 @@
-"""validate: parse every completion into records, set conditioned attributes, check the record JSON Schema.
+"""validate: parse every completion into records, set conditioned attributes, check the record JSON Schema, then
+apply the method's selection (VS: keep all, sample one by verbalized weight, or threshold).
 
-Nothing the model writes raises here: each failure becomes a row in `rejects` with a reason.
+Every completion is an answer of its own (each turn of a multi-turn method too). Nothing the model writes raises
+here: each failure becomes a row in `rejects` with a reason, and so does every record that selection drops (stage
+"select"), so all candidates are counted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from polyculture.spec import BuildSpec
 from polyculture.stages.rejects import reject, rejects_frame
 
 
-
 @dataclass(frozen=True)
 class ValidationResult:
     records: pl.DataFrame
@@ -27,7 +29,8 @@ class ValidationResult:
 def records_schema(spec: BuildSpec) -> dict[str, Any]:
     schema: dict[str, Any] = {
         "record_id": pl.String, "call_id": pl.String, "cell_id": pl.Int64, "cell_key": pl.String,
-        "item_index": pl.Int64, "method": pl.String, "model": pl.String, "verbalized_probability": pl.Float64,
+        "item_index": pl.Int64, "turn": pl.Int64, "method": pl.String, "model": pl.String,
+        "verbalized_probability": pl.Float64,
         "record_json": pl.String, "text": pl.String,
     }  # fmt: skip
     return schema | {a.name: pl.String for a in spec.attributes}
@@ -39,6 +42,7 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
     field_order = list(spec.record_schema["properties"])
     records: list[dict[str, Any]] = []
     rejects: list[dict[str, str | None]] = []
+    selection = getattr(method, "selection", None)
     for row in completions.iter_rows(named=True):
         call_id = row["call_id"]
         parsed = method.parse(row["completion"] or "")
@@ -46,6 +50,7 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
             reason = "truncated" if row["finish_reason"] == "length" else "unparseable"
             rejects.append(reject(None, call_id, "parse", reason, f"{parsed.error}: {_clip(row['completion'])}"))
             continue
+        candidates: list[dict[str, Any]] = []
         for item_index, item in enumerate(parsed.items):
             record_id = f"{call_id}-{item_index}"
             if item.error is not None or item.fields is None:
@@ -64,13 +69,14 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
                 k: v for k, v in fields.items() if k not in field_order
             }
             text_value = ordered.get(spec.record.text_field) if spec.record.text_field else None
-            records.append(
+            candidates.append(
                 {
                     "record_id": record_id,
                     "call_id": call_id,
                     "cell_id": row["cell_id"],
                     "cell_key": row["cell_key"],
                     "item_index": item_index,
+                    "turn": row.get("turn") or 0,
                     "method": row["method"],
                     "model": row["model"],
                     "verbalized_probability": item.probability,
@@ -80,6 +86,17 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
                     **{a.name: _attribute_value(ordered.get(a.record_field)) for a in spec.attributes},
                 }
             )
+        # Selection runs over this answer's valid records only: a response that fails the schema is never chosen.
+        verdicts = (
+            selection.apply([c["verbalized_probability"] for c in candidates], seed=spec.seed, call_id=call_id)
+            if selection is not None
+            else [None] * len(candidates)
+        )
+        for candidate, dropped in zip(candidates, verdicts, strict=True):
+            if dropped is None:
+                records.append(candidate)
+            else:
+                rejects.append(reject(candidate["record_id"], call_id, "select", dropped.reason, dropped.detail))
     return ValidationResult(
         records=pl.DataFrame(records, schema=records_schema(spec)),
         rejects=rejects_frame(rejects),
