@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from polyculture.flows.common import embed_task, load_engine
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
-from polyculture.engines.base import create_engine
 from polyculture.methods import get_method
 from polyculture.spec import BuildSpec, load_spec
 from polyculture.stages.dedup import dedup
-from polyculture.stages.embed import load_embedder
 from polyculture.stages.generate import generate
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import publish_local
@@ -63,11 +62,7 @@ def plan_task(spec: BuildSpec) -> pl.DataFrame:
 def generate_task(spec: BuildSpec, cells: pl.DataFrame, shard_dir: Path) -> tuple[pl.DataFrame, float]:
     method = get_method(spec.method)
     total = int(cells["n_prompts"].sum())
-    progress.report("load model", 0, 1, f"{spec.model.engine}: {spec.model.name}")
-    started = time.perf_counter()
-    engine = create_engine(spec.model, seed=spec.seed, base_dir=spec.base_dir)
-    load_seconds = time.perf_counter() - started
-    progress.report("load model", 1, 1, f"{load_seconds:.0f} s")
+    engine, load_seconds = load_engine(spec)
     try:
         progress.report("generate", 0, total, "prompts")
         completions = generate(
@@ -82,14 +77,6 @@ def generate_task(spec: BuildSpec, cells: pl.DataFrame, shard_dir: Path) -> tupl
 def validate_task(spec: BuildSpec, completions: pl.DataFrame) -> Any:
     method = get_method(spec.method)
     return validate(spec, completions, method)
-
-
-@task(name="embed", cache_policy=NONE)
-def embed_task(spec: BuildSpec, texts: list[str]) -> np.ndarray:
-    progress.report("embed", 0, len(texts), "records")
-    vectors = load_embedder(spec.dedup.embedding_model, spec.base_dir).encode(texts)
-    progress.report("embed", len(texts), len(texts), "records")
-    return vectors
 
 
 @task(name="dedup", cache_policy=NONE)

@@ -7,9 +7,9 @@ import json
 import jsonschema
 import pytest
 
-from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
-from polyculture.spec import ModelSpec
+from polyculture.engines.base import Engine, SamplingParams, create_engine
 from polyculture.engines.models import ModelUnavailable, resolve_chat_model
+from polyculture.spec import ModelSpec
 
 NUMBER_SCHEMA = {
     "type": "object",

@@ -8,7 +8,6 @@ import datasets
 import polars as pl
 import yaml
 from conftest import small_spec_dict
-
 from polyculture.flows.build_dataset import build_dataset
 
 

@@ -11,7 +11,7 @@ from conftest import small_spec_dict
 from polyculture.engines.base import create_engine
 from polyculture.methods import get_method
 from polyculture.spec import parse_spec
-from polyculture.stages.generate import generation_schema, generate, render_prompts
+from polyculture.stages.generate import generate, generation_schema, render_prompts
 from polyculture.stages.plan import plan
 from polyculture.stages.validate import validate
 

@@ -10,7 +10,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 # Offline by design, and Prefect quiet and local unless the user configured otherwise.
@@ -56,10 +63,15 @@ def _load(spec_path: Path) -> Any:
 
 def _check_models(spec: Any) -> None:
     """Resolve both models before any long work, so a missing model fails in seconds, not after minutes."""
-    from polyculture.engines.models import ModelUnavailable, resolve_chat_model, resolve_embedding_model
+    from polyculture.engines.models import (
+        ModelUnavailable,
+        resolve_chat_model,
+        resolve_embedding_model,
+    )
 
     try:
-        resolve_chat_model(spec.model.name, spec.base_dir)
+        if spec.model.engine != "openai":  # a server's model id is checked by the engine against the server
+            resolve_chat_model(spec.model.name, spec.base_dir)
         resolve_embedding_model(spec.dedup.embedding_model, spec.base_dir)
     except ModelUnavailable as exc:
         _fail(str(exc), 3)
@@ -113,6 +125,76 @@ def build(
     Console().print(f"dataset: {result['dataset_dir']}\nreport:  {result['report_md']}\n         {result['report_json']}")
 
 
+@app.command("compare-methods")
+def compare_methods_command(
+    spec_path: SpecArg,
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated methods to compare (each replaces the spec's method.name)."),
+    ] = "direct,cot,sequence,multi_turn,vs_standard,vs_cot,vs_multi",
+    budget_tokens: Annotated[
+        int, typer.Option(min=1, help="Generated tokens each method may spend (it stops at the first round reaching it).")
+    ] = 2000,
+    output_dir: Annotated[Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (folder compare-<run-id>); reuse one to resume.")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Run several prompting methods on SPEC with the same generated-token budget and compare their diversity,
+    validity, answer coverage and calibration (comparison.json, comparison.md and a chart)."""
+    from polyculture import progress
+    from polyculture.engines.base import EngineError
+    from polyculture.spec import SpecError
+    from polyculture.stages.compare import format_value, parse_methods, summary_columns
+
+    spec = _load(spec_path)
+    try:
+        names = parse_methods(methods)
+    except SpecError as exc:
+        _fail(str(exc))
+    _check_models(spec)
+    from polyculture.flows.compare_methods import compare_methods
+
+    columns = [SpinnerColumn(), TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
+    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    try:
+        with bar, progress.reporting(_RichReporter(bar)):
+            report = compare_methods(
+                str(spec_path),
+                methods=names,
+                budget_tokens=budget_tokens,
+                run_id=run_id,
+                output_root=str(output_dir) if output_dir else None,
+            )
+    except (EngineError, SpecError) as exc:
+        _fail(str(exc), 3 if isinstance(exc, EngineError) else 2)
+    ok = [r for r in report["methods"] if r.get("status") == "ok"]
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        table = Table(
+            title=f"{spec.name}: {report['budget_tokens']:,} generated tokens per method ({spec.model.name}, "
+            f"{spec.model.engine})"
+        )
+        # One column per method, one row per figure: seven methods fit a terminal, twenty figures would not.
+        table.add_column("figure")
+        for result in ok:
+            table.add_column(result["method"], justify="right", no_wrap=True)
+        for column in summary_columns(report):
+            table.add_row(column.label, *[format_value(column, result) for result in ok])
+        console = Console()
+        if not console.is_terminal:  # piped into a file: no 80-column squeeze (the table is only as wide as it needs)
+            console = Console(width=200)
+        console.print(table)
+        for name, error in report["failed"].items():
+            console.print(f"[yellow]{name} failed:[/] {error}", highlight=False, soft_wrap=True)
+        files = report["files"]
+        console.print(f"comparison: {files['markdown']}\n            {files['json']}\n            {files['chart']}")
+    if not ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def check(spec_path: SpecArg, as_json: JsonOpt = False) -> None:
     """Validate SPEC and show the plan (cells, quotas, prompts) without generating anything."""
@@ -154,7 +236,10 @@ def schema(
 @app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the embedded models (usable offline by name)."""
-    from polyculture.engines.models import EMBEDDED_CHAT_MODELS, EMBEDDED_EMBEDDING_MODELS
+    from polyculture.engines.models import (
+        EMBEDDED_CHAT_MODELS,
+        EMBEDDED_EMBEDDING_MODELS,
+    )
 
     listing = {"chat": EMBEDDED_CHAT_MODELS, "embedding": EMBEDDED_EMBEDDING_MODELS}
     if as_json:

@@ -17,9 +17,21 @@ import jinja2
 import jinja2.meta
 import jsonschema
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from polyculture.engines.models import EMBEDDED_CHAT_MODELS, EMBEDDED_EMBEDDING_MODELS, check_model_name
+from polyculture.engines.models import (
+    EMBEDDED_CHAT_MODELS,
+    EMBEDDED_EMBEDDING_MODELS,
+    check_model_name,
+)
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

@@ -40,7 +40,12 @@ from typing import Any, TypeVar
 
 import httpx
 
-from polyculture.engines.base import Completion, Conversation, EngineError, SamplingParams
+from polyculture.engines.base import (
+    Completion,
+    Conversation,
+    EngineError,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

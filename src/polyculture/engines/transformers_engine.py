@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from polyculture.engines.base import Completion, Conversation, EngineError, SamplingParams
+from polyculture.engines.base import (
+    Completion,
+    Conversation,
+    EngineError,
+    SamplingParams,
+)
 from polyculture.engines.models import ResolvedModel
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from polyculture.engines.base import Completion, Conversation, EngineError, SamplingParams
+from polyculture.engines.base import (
+    Completion,
+    Conversation,
+    EngineError,
+    SamplingParams,
+)
 from polyculture.engines.models import ResolvedModel, cache_root
 
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from polyculture.engines.base import Conversation
-from polyculture.methods.base import ParsedItem, ParseResult, SingleTurn, load_json_object, with_leading_field
+from polyculture.methods.base import (
+    ParsedItem,
+    ParseResult,
+    SingleTurn,
+    load_json_object,
+    with_leading_field,
+)
 
 COT_INSTRUCTIONS = (
     "Think step by step before you answer. Answer in JSON: first a \"reasoning\" field (a string) with your "

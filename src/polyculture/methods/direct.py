@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from polyculture.engines.base import Conversation
-from polyculture.methods.base import ParsedItem, ParseResult, SingleTurn, load_json_object, nested_schema
+from polyculture.methods.base import (
+    ParsedItem,
+    ParseResult,
+    SingleTurn,
+    load_json_object,
+    nested_schema,
+)
 
 
 def plain_conversation(user: str, system: str | None) -> Conversation:

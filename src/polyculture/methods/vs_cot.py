@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from polyculture.methods.vs_standard import VSStandard, responses_schema, vs_instructions, vs_item_schema
+from polyculture.methods.vs_standard import (
+    VSStandard,
+    responses_schema,
+    vs_instructions,
+    vs_item_schema,
+)
 
 
 class VSCoT(VSStandard):

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from polyculture.engines.models import EMBEDDED_EMBEDDING_MODELS, cache_root, resolve_embedding_model
+from polyculture.engines.models import (
+    EMBEDDED_EMBEDDING_MODELS,
+    cache_root,
+    resolve_embedding_model,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,106 @@
+"""Calibration of verbalized probabilities (Verbalized Sampling) against what the model actually wrote.
+
+Input: one row per response item, with the call it came from, its answer (any hashable key: the canonical attribute
+value, or the normalised text) and the probability the model verbalized for it.
+
+Definitions (C calls, N items with a probability):
+- raw sum of a call: the sum of its items' verbalized probabilities before normalising. A model that writes a
+  distribution sums to 1; small models do not (STACK.md: 0.3, 0.8, 1.0, 0.2, 1.0), so the raw sums are reported.
+- normalised probability of an item: p_i / (raw sum of its call); a call whose raw sum is 0 spreads 1 evenly.
+- verbalized share of an answer v: q(v) = (1/C) * sum over calls of the normalised probability the call put on v,
+  i.e. the mean over calls of the call's verbalized distribution (sums to 1 over the answers).
+- observed share of v: o(v) = items answering v / N, how often the model actually listed v.
+- total_variation: 0.5 * sum_v |q(v) - o(v)| over every answer seen (0 = the verbalized distribution matches the
+  observed frequencies, 1 = disjoint).
+- spearman: Spearman's rank correlation between q and o over the answers seen (scipy.stats.spearmanr; None when there
+  are fewer than two answers or either side is constant, where it is undefined).
+- per value also: mean_probability (mean normalised probability of the items answering v) and mean_raw_probability.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+SUM_TOLERANCE = 0.01  # a call "sums to 1" when its raw sum is within this of 1
+
+
+def calibration(
+    call_ids: Sequence[str],
+    answers: Sequence[Hashable],
+    probabilities: Sequence[float | None],
+    *,
+    max_values: int | None = None,
+) -> dict[str, Any] | None:
+    """Calibration summary (see the module docstring); None when no item has a verbalized probability.
+
+    Items whose probability is None (or not finite, or negative) are ignored. `max_values` limits the per-value list
+    (most frequent answers first); the totals always use every answer.
+    """
+    if not len(call_ids) == len(answers) == len(probabilities):
+        raise ValueError(
+            f"call_ids, answers and probabilities must align; got {len(call_ids)}, {len(answers)}, {len(probabilities)}"
+        )
+    by_call: dict[str, list[tuple[Hashable, float]]] = defaultdict(list)
+    for call, answer, p in zip(call_ids, answers, probabilities, strict=True):
+        if p is None or not math.isfinite(float(p)) or float(p) < 0:
+            continue
+        by_call[call].append((answer, float(p)))
+    if not by_call:
+        return None
+
+    raw_sums = np.array([sum(p for _, p in items) for items in by_call.values()])
+    verbalized: dict[Hashable, float] = defaultdict(float)
+    normalised_by_value: dict[Hashable, list[float]] = defaultdict(list)
+    raw_by_value: dict[Hashable, list[float]] = defaultdict(list)
+    observed: Counter[Hashable] = Counter()
+    for (_, items), total in zip(by_call.items(), raw_sums, strict=True):
+        for answer, p in items:
+            share = p / total if total > 0 else 1.0 / len(items)
+            verbalized[answer] += share
+            normalised_by_value[answer].append(share)
+            raw_by_value[answer].append(p)
+            observed[answer] += 1
+    n_calls, n_items = len(by_call), sum(observed.values())
+    values = sorted(observed, key=lambda v: (-observed[v], -verbalized[v], str(v)))
+    q = np.array([verbalized[v] / n_calls for v in values])
+    o = np.array([observed[v] / n_items for v in values])
+
+    return {
+        "calls": n_calls,
+        "items": n_items,
+        "values": len(values),
+        "total_variation": float(0.5 * np.abs(q - o).sum()),
+        "spearman": _spearman(q, o),
+        "raw_sum": {
+            "mean": float(raw_sums.mean()),
+            "median": float(np.median(raw_sums)),
+            "min": float(raw_sums.min()),
+            "max": float(raw_sums.max()),
+            "share_summing_to_1": float(np.mean(np.abs(raw_sums - 1.0) <= SUM_TOLERANCE)),
+        },
+        "per_value": [
+            {
+                "value": v,
+                "count": observed[v],
+                "observed_share": float(oi),
+                "verbalized_share": float(qi),
+                "mean_probability": float(np.mean(normalised_by_value[v])),
+                "mean_raw_probability": float(np.mean(raw_by_value[v])),
+            }
+            for v, qi, oi in list(zip(values, q, o, strict=True))[:max_values]
+        ],
+    }
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
