@@ -170,8 +170,10 @@ def generate_within_budget(
     stop = "max_rounds"
     for number in range(max_rounds):
         if number == 0:
-            # No estimate yet: as many prompts as could not overshoot even if every call ran to max_tokens.
-            size = max(1, min(batch, budget_tokens // (spec.sampling.n * spec.sampling.max_tokens)))
+            # No estimate yet: as many prompts as could not overshoot even if every call (of every turn) ran to
+            # max_tokens.
+            worst_per_prompt = spec.sampling.n * spec.sampling.max_tokens * getattr(method, "turns", 1)
+            size = max(1, min(batch, budget_tokens // worst_per_prompt))
         else:
             per_prompt = used / prompts
             size = min(max(1, math.ceil((budget_tokens - used) / per_prompt)), ROUND_CAP_BATCHES * batch)
