@@ -41,7 +41,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from polyculture.metrics.overlap import DEFAULT_MAX_PAIRS, mean_pairwise_rouge_l
 from polyculture.metrics.semantic import semantic_diversity
 from polyculture.spec import BuildSpec, MethodName, MethodSpec, SpecError
 from polyculture.stages.dedup import normalize_text
+from polyculture.stages.files import jsonable, md_cell, write_text_atomic
 from polyculture.stages.generate import generate
 from polyculture.stages.rejects import rejects_frame
 from polyculture.stages.validate import ValidationResult, validate
@@ -361,7 +361,7 @@ def comparison_report(
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison as strict-JSON-ready data (NaN/inf become None)."""
-    return _jsonable(
+    return jsonable(
         {
             "dataset": spec.name,
             "run_id": run_id,
@@ -391,8 +391,8 @@ def write_comparison(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "chart": str(chart),
     }
     report["files"] = files
-    _write_text(out_dir / "comparison.md", render_markdown(report))
-    _write_text(out_dir / "comparison.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "comparison.md", render_markdown(report))
+    write_text_atomic(out_dir / "comparison.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return files
 
 
@@ -478,7 +478,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["| figure | " + " | ".join(r["method"] for r in ok) + " |"]
         lines += ["|---|" + "|".join("---:" for _ in ok) + "|"]
         for c in columns:
-            lines.append(f"| {_cell(c.label)} | " + " | ".join(_cell(format_value(c, r)) for r in ok) + " |")
+            lines.append(f"| {md_cell(c.label)} | " + " | ".join(md_cell(format_value(c, r)) for r in ok) + " |")
         notes = [f"{c.label}: {c.note}" for c in columns if c.note]
         lines += ["", "Notes: " + "; ".join(notes) + ".", "", "![comparison](comparison.png)"]
     else:
@@ -489,7 +489,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   " TV | off-set examples |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
         for r in ok:
             a = r["answers"][name]
-            others = ", ".join(f"{_cell(str(e['value']), 30)} ({e['count']})" for e in a["other_examples"])
+            others = ", ".join(f"{md_cell(str(e['value']), 30)} ({e['count']})" for e in a["other_examples"])
             lines.append(
                 f"| {r['method']} | {a['n']} | {_fmt(a['in_set_rate'], '{:.0%}')} | {a['distinct_in_set']}/{a['set_size']}"
                 f" | {_fmt(a['entropy_bits'], '{:.2f}')} | {_fmt(a['kl_bits'], '{:.2f}')}"
@@ -521,16 +521,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                       " verbalized share | mean normalised p |", "|---|---:|---:|---:|---:|"]  # fmt: skip
             for v in r["calibration"]["per_value"][:10]:
                 lines.append(
-                    f"| {_cell(str(v['value']), 60)} | {v['count']} | {v['observed_share']:.3f} | "
+                    f"| {md_cell(str(v['value']), 60)} | {v['count']} | {v['observed_share']:.3f} | "
                     f"{v['verbalized_share']:.3f} | {v['mean_probability']:.3f} |"
                 )
 
     if report["failed"]:
         lines += ["", "## Methods that failed", "", "| method | error |", "|---|---|"]
-        lines += [f"| {m} | {_cell(e, 300)} |" for m, e in report["failed"].items()]
+        lines += [f"| {m} | {md_cell(e, 300)} |" for m, e in report["failed"].items()]
     if report.get("usage"):
         lines += ["", "## Usage", "", "| measure | value |", "|---|---:|"]
-        lines += [f"| {_cell(k)} | {_cell(str(v))} |" for k, v in report["usage"].items()]
+        lines += [f"| {md_cell(k)} | {md_cell(str(v))} |" for k, v in report["usage"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -590,33 +590,4 @@ def _options(options: dict[str, Any]) -> str:
 
 def _fmt(value: Any, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
-
-
-def _cell(value: Any, limit: int | None = None) -> str:
-    text = "" if value is None else " ".join(str(value).split())
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "..."
-    return text.replace("|", "\\|")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 

@@ -7,9 +7,6 @@ attribute under plots/.
 from __future__ import annotations
 
 import json
-import math
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from polyculture.metrics.attribute import attribute_summary
 from polyculture.metrics.lexical import distinct_n
 from polyculture.metrics.semantic import mean_pairwise_similarity, semantic_diversity
 from polyculture.spec import Attribute, BuildSpec
+from polyculture.stages.files import jsonable, md_cell, write_text_atomic
 from polyculture.stages.plan import largest_remainder
 
 REJECT_EXAMPLES = 3
@@ -98,11 +96,11 @@ def write_report(
         "usage": dict(usage),
         "plots": plots,
     }
-    report = _jsonable(report)
+    report = jsonable(report)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _write_text(out_dir / "report.md", render_markdown(report))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     return report
 
 
@@ -173,28 +171,8 @@ def _short_cells(cells: pl.DataFrame) -> list[dict[str, Any]]:
     return short.select(wanted).to_dicts()
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain Python types only; NaN/inf become None so the file is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
-def _write_text(path: Path, text: str) -> None:
-    # Write then rename: a crash never leaves a half-written report behind.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -262,7 +240,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     previous: int | None = None
     for stage, count in report["counts"].items():
         change = f"{count / previous:.0%}" if previous else ""
-        lines.append(f"| {_cell(stage)} | {count} | {change} |")
+        lines.append(f"| {md_cell(stage)} | {count} | {change} |")
         previous = count
 
     before, after = report["diversity"]["before"], report["diversity"]["after"]
@@ -287,7 +265,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         for value, share in a["target_share"].items():
             lines.append(
-                f"| {_cell(value)} | {share:.1%} | {entry['target_counts'].get(value, 0)} | {b['counts'][value]}"
+                f"| {md_cell(value)} | {share:.1%} | {entry['target_counts'].get(value, 0)} | {b['counts'][value]}"
                 f" | {a['counts'][value]} | {a['observed_share'][value]:.1%} |"
             )
         if a["other"] or b["other"]:
@@ -301,7 +279,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         if a["other_examples"]:
             seen = ", ".join(
-                f"{'(missing)' if e['value'] is None else _cell(e['value'])} ({e['count']})" for e in a["other_examples"]
+                f"{'(missing)' if e['value'] is None else md_cell(e['value'])} ({e['count']})" for e in a["other_examples"]
             )
             lines.append(f"Off-target values in the final set: {seen}.")
         if name in report["plots"]:
@@ -312,8 +290,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if groups:
         lines += [f"{report['rejects']['total']} rejected in all.", "", "| stage | reason | count | example |", "|---|---|---:|---|"]
         for g in groups:
-            example = _cell(g["examples"][0], 120) if g["examples"] else ""
-            lines.append(f"| {_cell(g['stage'])} | {_cell(g['reason'])} | {g['count']} | {example} |")
+            example = md_cell(g["examples"][0], 120) if g["examples"] else ""
+            lines.append(f"| {md_cell(g['stage'])} | {md_cell(g['reason'])} | {g['count']} | {example} |")
     else:
         lines.append("None.")
 
@@ -322,15 +300,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["| cell | target | available | kept | deficit | reason |", "|---|---:|---:|---:|---:|---|"]
         for c in report["short_cells"]:
             lines.append(
-                f"| {_cell(c.get('cell_key'))} | {c.get('target', '')} | {c.get('available', '')} | {c.get('kept', '')}"
-                f" | {c.get('deficit', '')} | {_cell(c.get('reason'))} |"
+                f"| {md_cell(c.get('cell_key'))} | {c.get('target', '')} | {c.get('available', '')} | {c.get('kept', '')}"
+                f" | {c.get('deficit', '')} | {md_cell(c.get('reason'))} |"
             )
     else:
         lines.append("None: every cell met its target.")
 
     if report["usage"]:
         lines += ["", "## Usage", "", "| measure | value |", "|---|---:|"]
-        lines += [f"| {_cell(k)} | {_num(v)} |" for k, v in report["usage"].items()]
+        lines += [f"| {md_cell(k)} | {_num(v)} |" for k, v in report["usage"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -338,15 +316,8 @@ def _num(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return _cell(str(value))
+        return md_cell(str(value))
     if isinstance(value, int) or float(value).is_integer():
         return f"{int(value):,}"
     return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
 
-
-def _cell(value: Any, limit: int | None = None) -> str:
-    """Table-safe text: one line, pipes escaped."""
-    text = "" if value is None else " ".join(str(value).split())
-    if limit is not None:
-        text = _clip(text, limit)
-    return text.replace("|", "\\|")
