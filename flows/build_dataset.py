@@ -26,7 +26,7 @@ from polyculture.spec import BuildSpec, load_spec
 from polyculture.stages.dedup import dedup
 from polyculture.stages.generate import generate
 from polyculture.stages.plan import plan
-from polyculture.stages.publish import publish_local
+from polyculture.stages.publish import dataset_folder_name, publish_local
 from polyculture.stages.rebalance import rebalance
 from polyculture.stages.report import write_report
 from polyculture.stages.validate import validate
@@ -157,7 +157,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
     )
     progress.report("report", 1, 1, str(run_dir / "report.md"))
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
-    dataset_dir = publish_task(spec, balanced.kept, report, run_dir, run_dir / "dataset")
+    dataset_dir = publish_task(spec, balanced.kept, report, run_dir, run_dir / dataset_folder_name(spec.name, run_id))
     progress.report("publish", 1, 1, str(dataset_dir))
     usage["wall_seconds"] = round(time.perf_counter() - wall_started, 2)
     result = BuildResult(

@@ -46,7 +46,8 @@ def test_build_dataset_end_to_end(spec_dir, tmp_path, prefect_server):
     assert loaded.column_names[:4] == ["name", "birth_year", "occupation", "bio"]
     assert set(loaded["occupation"]) <= {"doctor", "farmer"}
     assert all(p is None or 0 <= p <= 1 for p in loaded["_verbalized_probability"])
-    card = (run_dir / "dataset" / "README.md").read_text()
+    assert result["dataset_dir"] == str(run_dir / "tiny-bios-run-1")
+    card = (run_dir / "tiny-bios-run-1" / "README.md").read_text()
     assert card.startswith("---\n") and "configs:" in card
 
     rejects = pl.read_parquet(run_dir / "rejects.parquet")

@@ -15,7 +15,7 @@ from huggingface_hub import DatasetCard
 
 import polyculture.stages.publish as publish
 from polyculture.spec import BuildSpec, parse_spec
-from polyculture.stages.publish import PublishError, publish_local, size_category
+from polyculture.stages.publish import PublishError, dataset_folder_name, publish_local, size_category
 from polyculture.stages.rejects import rejects_frame
 from polyculture.stages.report import write_report
 
@@ -224,3 +224,15 @@ def test_size_categories() -> None:
     assert size_category(1_000) == "1K<n<10K"
     assert size_category(250_000) == "100K<n<1M"
     assert size_category(2_000_000_000) == "n>1B"
+
+
+def test_two_runs_load_their_own_rows(tmp_path: Path) -> None:
+    # datasets caches a local folder by its basename and config name only: runs must not share a folder name.
+    spec = make_spec(tmp_path)
+    report, rdir = report_dir(tmp_path)
+    cache = str(tmp_path / "hf-cache")
+    first = publish_local(spec, final_frame(), report, rdir, tmp_path / "a" / dataset_folder_name("people", "run-1"))
+    second = publish_local(spec, final_frame()[:1], report, rdir, tmp_path / "b" / dataset_folder_name("people", "run-2"))
+    assert first.name != second.name
+    assert datasets.load_dataset(str(first), split="train", cache_dir=cache).num_rows == 3
+    assert datasets.load_dataset(str(second), split="train", cache_dir=cache).num_rows == 1

@@ -45,6 +45,15 @@ class PublishError(RuntimeError):
     """The dataset cannot be published as asked (the message says why)."""
 
 
+def dataset_folder_name(dataset: str, run_id: str) -> str:
+    """The published folder's name, unique per run.
+
+    `datasets.load_dataset(folder)` caches a local folder under its basename and the card's config name only
+    (datasets 5.2: no hash of the data files), so two runs published as `.../dataset` would load each other's rows.
+    """
+    return f"{dataset}-{run_id}"
+
+
 def publish_local(spec: BuildSpec, final: pl.DataFrame, report: dict, report_dir: Path, dataset_dir: Path) -> Path:
     """Write dataset_dir: data/*.parquet, README.md (dataset card), report.json, report.md and plots/; return it."""
     dataset_dir, report_dir = Path(dataset_dir), Path(report_dir)
