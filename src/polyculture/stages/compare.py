@@ -172,7 +172,7 @@ def generate_within_budget(
         if number == 0:
             # No estimate yet: as many prompts as could not overshoot even if every call (of every turn) ran to
             # max_tokens.
-            worst_per_prompt = spec.sampling.n * spec.sampling.max_tokens * getattr(method, "turns", 1)
+            worst_per_prompt = spec.sampling.n * spec.sampling.max_tokens * method.turns
             size = max(1, min(batch, budget_tokens // worst_per_prompt))
         else:
             per_prompt = used / prompts

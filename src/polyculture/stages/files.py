@@ -35,9 +35,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def clip(text: str | None, limit: int) -> str:
+    """At most `limit` characters, with "..." where it was cut."""
+    text = text or ""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def md_cell(value: Any, limit: int | None = None) -> str:
     """Table-safe text: one line, pipes escaped, clipped to `limit` characters."""
     text = "" if value is None else " ".join(str(value).split())
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "..."
+    if limit is not None:
+        text = clip(text, limit)
     return text.replace("|", "\\|")

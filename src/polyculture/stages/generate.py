@@ -50,7 +50,7 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
     for cell in cells.iter_rows(named=True):
         values = {name: cell[name] for name in names}
         for index in range(cell["n_prompts"]):
-            variables = {**values, "k": getattr(method, "k", method.items_per_call), "index": index}
+            variables = {**values, "k": method.k, "index": index}
             requests.append(
                 PromptRequest(
                     cell_id=cell["cell_id"],
@@ -96,9 +96,8 @@ def generate(
     shard_dir.mkdir(parents=True, exist_ok=True)
     requests = render_prompts(spec, cells, method)
     item_schema = generation_schema(spec)
-    turns = getattr(method, "turns", 1)
     # Every turn's schema up front: a record schema the method cannot use is refused before any engine call.
-    schemas = [method.response_schema(item_schema, turn=t) for t in range(turns)]
+    schemas = [method.response_schema(item_schema, turn=t) for t in range(method.turns)]
     params = SamplingParams(
         temperature=spec.sampling.temperature,
         top_p=spec.sampling.top_p,

@@ -20,7 +20,7 @@ from polyculture.metrics.attribute import attribute_summary
 from polyculture.metrics.lexical import distinct_n
 from polyculture.metrics.semantic import mean_pairwise_similarity, semantic_diversity
 from polyculture.spec import Attribute, BuildSpec
-from polyculture.stages.files import jsonable, md_cell, write_text_atomic
+from polyculture.stages.files import clip, jsonable, md_cell, write_text_atomic
 from polyculture.stages.plan import largest_remainder
 
 REJECT_EXAMPLES = 3
@@ -157,7 +157,7 @@ def _reject_groups(rejects: pl.DataFrame) -> list[dict[str, Any]]:
             "stage": row["stage"],
             "reason": row["reason"],
             "count": int(row["count"]),
-            "examples": [_clip(d, EXAMPLE_CHARS) for d in row["examples"]],
+            "examples": [clip(d, EXAMPLE_CHARS) for d in row["examples"]],
         }
         for row in grouped.iter_rows(named=True)
     ]
@@ -173,10 +173,6 @@ def _short_cells(cells: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- plots --------------------------------------------------------------------------------------------------------

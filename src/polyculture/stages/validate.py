@@ -17,6 +17,7 @@ import polars as pl
 
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
+from polyculture.stages.files import clip
 from polyculture.stages.rejects import reject, rejects_frame
 
 
@@ -42,13 +43,12 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
     field_order = list(spec.record_schema["properties"])
     records: list[dict[str, Any]] = []
     rejects: list[dict[str, str | None]] = []
-    selection = getattr(method, "selection", None)
     for row in completions.iter_rows(named=True):
         call_id = row["call_id"]
         parsed = method.parse(row["completion"] or "")
         if parsed.error is not None:
             reason = "truncated" if row["finish_reason"] == "length" else "unparseable"
-            rejects.append(reject(None, call_id, "parse", reason, f"{parsed.error}: {_clip(row['completion'])}"))
+            rejects.append(reject(None, call_id, "parse", reason, f"{parsed.error}: {clip(row['completion'], 200)}"))
             continue
         candidates: list[dict[str, Any]] = []
         for item_index, item in enumerate(parsed.items):
@@ -87,10 +87,8 @@ def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> Vali
                 }
             )
         # Selection runs over this answer's valid records only: a response that fails the schema is never chosen.
-        verdicts = (
-            selection.apply([c["verbalized_probability"] for c in candidates], seed=spec.seed, call_id=call_id)
-            if selection is not None
-            else [None] * len(candidates)
+        verdicts = method.selection.apply(
+            [c["verbalized_probability"] for c in candidates], seed=spec.seed, call_id=call_id
         )
         for candidate, dropped in zip(candidates, verdicts, strict=True):
             if dropped is None:
@@ -113,9 +111,5 @@ def _attribute_value(value: Any) -> str | None:
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(record)"
-    return f"{where}: {_clip(error.message, 160)}"
+    return f"{where}: {clip(error.message, 160)}"
 
-
-def _clip(text: str | None, limit: int = 200) -> str:
-    text = text or ""
-    return text if len(text) <= limit else text[:limit] + "..."
