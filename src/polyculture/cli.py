@@ -91,8 +91,12 @@ class _RichReporter:
 @app.command()
 def build(
     spec_path: SpecArg,
-    run_id: Annotated[str | None, typer.Option(help="Run folder name; reuse one to resume an interrupted build.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run folder name; reuse one to resume an interrupted build.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")
+    ] = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -122,7 +126,9 @@ def build(
     table.add_row("tokens/s", f"{usage['generated_tokens_per_second']}")
     table.add_row("wall time", f"{usage['wall_seconds']:.0f} s")
     Console().print(table)
-    Console().print(f"dataset: {result['dataset_dir']}\nreport:  {result['report_md']}\n         {result['report_json']}")
+    Console().print(
+        f"dataset: {result['dataset_dir']}\nreport:  {result['report_md']}\n         {result['report_json']}"
+    )
 
 
 @app.command("compare-methods")
@@ -133,9 +139,12 @@ def compare_methods_command(
         typer.Option(help="Comma-separated methods to compare (each replaces the spec's method.name)."),
     ] = "direct,cot,sequence,multi_turn,vs_standard,vs_cot,vs_multi",
     budget_tokens: Annotated[
-        int, typer.Option(min=1, help="Generated tokens each method may spend (it stops at the first round reaching it).")
+        int,
+        typer.Option(min=1, help="Generated tokens each method may spend (it stops at the first round reaching it)."),
     ] = 2000,
-    output_dir: Annotated[Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")
+    ] = None,
     run_id: Annotated[str | None, typer.Option(help="Run id (folder compare-<run-id>); reuse one to resume.")] = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
@@ -248,6 +257,202 @@ def models(as_json: JsonOpt = False) -> None:
     for kind, names in listing.items():
         for name, what in names.items():
             Console().print(f"[bold]{name}[/] ({kind}): {what}")
+
+
+def _family_table(title: str, probes: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in (
+        "family",
+        "options",
+        "norm. entropy (exact)",
+        "top option (exact)",
+        "KL bits (exact)",
+        "valid mass",
+        "norm. entropy (sampled)",
+        "coverage (sampled)",
+        "invalid (sampled)",
+    ):
+        table.add_column(column, justify="left" if column.startswith(("family", "top")) else "right")
+    from polyculture.tuning.report import headline
+
+    for probe in probes:
+        h = headline(probe)
+
+        def fmt(value: Any, spec: str = ".3f") -> str:
+            return "-" if value is None else format(value, spec)
+
+        table.add_row(
+            h["family"],
+            str(h["options"]),
+            fmt(h["exact_normalized_entropy"]),
+            f"{h['exact_top_option']} ({fmt(h['exact_top_share'], '.0%')})",
+            fmt(h["exact_kl_bits"]),
+            fmt(h["valid_mass"], ".2e"),
+            fmt(h["sampled_normalized_entropy"]),
+            "-" if h["sampled_coverage_count"] is None else f"{h['sampled_coverage_count']}/{h['options']}",
+            fmt(h["sampled_invalid_rate"], ".0%"),
+        )
+    return table
+
+
+@app.command()
+def probe(
+    tasks: Annotated[
+        list[str],
+        typer.Argument(help="Task families: names from configs/tuning/families (e.g. numbers_1_10) or YAML paths."),
+    ],
+    model: Annotated[str, typer.Option(help="Embedded model name or local HF folder (or a tuned adapter folder).")] = (
+        "smollm2-135m-instruct"
+    ),
+    adapter: Annotated[Path | None, typer.Option(help="A LoRA adapter folder (from `polyculture tune`).")] = None,
+    engine: Annotated[str, typer.Option(help="transformers or vllm.")] = "transformers",
+    samples: Annotated[int, typer.Option(min=0, help="Samples per prompt phrasing (0: exact figures only).")] = 100,
+    temperature: Annotated[float, typer.Option(min=0.01, max=5.0, help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Measure a model's mode collapse on enumerable tasks: the exact distribution over every valid answer (sequence
+    log-probs of whole answers, end-of-turn included) and the sampled one (N samples per phrasing): entropy,
+    normalised entropy, coverage, KL to the target, top option's share, invalid-output rate."""
+    from pydantic import ValidationError
+
+    from polyculture.engines.base import EngineError, create_engine
+    from polyculture.engines.models import ModelUnavailable
+    from polyculture.spec import ModelSpec
+    from polyculture.tuning.families import FamilyError, resolve_family
+    from polyculture.tuning.probe import answer_token_cap, engine_tokenizer, probe_family
+
+    if engine not in ("transformers", "vllm"):
+        _fail(f"--engine '{engine}' is not allowed; allowed: transformers, vllm")
+    try:
+        families = [resolve_family(t) for t in tasks]
+    except FamilyError as exc:
+        _fail(str(exc))
+    try:
+        model_spec = ModelSpec(name=model, engine=engine, adapter=str(adapter) if adapter else None)
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'.'.join(str(p) for p in e['loc']) or 'model'}: {e['msg']}" for e in exc.errors()))
+    columns = [SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
+    bar = Progress(*columns, console=err, disable=quiet, transient=True)
+    results = []
+    try:
+        with bar:
+            loading = bar.add_task("load", total=1, note=f"{engine}: {model}")
+            eng = create_engine(model_spec, seed=seed, base_dir=Path.cwd())
+            bar.update(loading, completed=1)
+            probing = bar.add_task("probe", total=len(families), note="")
+            tokenizer = engine_tokenizer(eng)
+            for family in families:
+                bar.update(probing, note=family.name)
+                cap = answer_token_cap(tokenizer, family) if tokenizer is not None else None
+                results.append(probe_family(eng, family, samples=samples, temperature=temperature, answer_tokens=cap))
+                bar.advance(probing)
+            eng.close()
+    except (EngineError, ModelUnavailable) as exc:
+        _fail(str(exc), 3)
+    if as_json:
+        payload = {"model": model, "adapter": str(adapter) if adapter else None, "engine": engine, "results": results}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    name = model + (f" + {adapter}" if adapter else "")
+    Console().print(_family_table(f"{name} ({engine}, {samples} samples per phrasing, T={temperature})", results))
+
+
+@app.command()
+def tune(
+    config_path: Annotated[Path, typer.Argument(help="Tuning config (YAML), e.g. configs/tuning/diffuse.yaml.")],
+    hold_out: Annotated[
+        list[str] | None, typer.Option("--hold-out", help="Family to hold out (repeatable); replaces held_out.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Override training.max_steps.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(min=0.01, help="Override training.max_minutes.")] = None,
+    samples: Annotated[int | None, typer.Option(min=0, help="Override probe.samples (per phrasing).")] = None,
+    leave_one_out: Annotated[
+        bool, typer.Option("--leave-one-out", help="One run per family, each holding that family out (slow).")
+    ] = False,
+    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: time + config hash).")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Diffuse fine-tuning: train a LoRA adapter so the model's answers follow each family's target distribution,
+    probe trained and held-out families before and after, and save the adapter with its metadata (usable as
+    `model.adapter` in a build spec)."""
+    from polyculture import progress
+    from polyculture.engines.base import EngineError
+    from polyculture.engines.models import ModelUnavailable
+    from polyculture.tuning.config import TuneConfigError, config_families, load_tune_config
+
+    overrides: dict[str, Any] = {}
+    if hold_out is not None:
+        overrides["held_out"] = hold_out
+        try:  # a family named on the command line leaves the config's training list too
+            listed = load_tune_config(config_path).families
+        except TuneConfigError as exc:
+            _fail(str(exc))
+        if listed is not None:
+            overrides["families"] = [f for f in listed if f not in hold_out]
+    training = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
+    if training:
+        overrides["training"] = training
+    if samples is not None:
+        overrides["probe"] = {"samples": samples}
+    try:  # refuse a bad config before any model loads
+        config = load_tune_config(config_path, overrides)
+        config_families(config, config_path.resolve().parent)
+    except TuneConfigError as exc:
+        _fail(str(exc))
+    from polyculture.flows.diffuse_tune import diffuse_tune, diffuse_tune_leave_one_out
+
+    columns = [SpinnerColumn(), TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
+    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    try:
+        with bar, progress.reporting(_RichReporter(bar)):
+            if leave_one_out:
+                result = diffuse_tune_leave_one_out(str(config_path), overrides=overrides)
+            else:
+                result = diffuse_tune(str(config_path), run_id=run_id, overrides=overrides)
+    except (EngineError, ModelUnavailable) as exc:
+        _fail(str(exc), 3)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    if leave_one_out:
+        Console().print(f"leave-one-out summary: {result['summary_dir']}/leave_one_out.md")
+        return
+    table = Table(
+        title=f"{config.name}: {result['steps']} steps in {result['seconds']:.0f} s ({result['stop_reason']})"
+    )
+    for column in (
+        "family",
+        "role",
+        "norm. entropy (exact)",
+        "top option (exact)",
+        "coverage (sampled)",
+        "invalid (sampled)",
+        "loss / H(w)",
+    ):
+        table.add_column(column)
+    for row in result["before_after"]:
+        b, a = row["before"], row["after"]
+        ratio = result["final_loss_over_entropy"].get(row["family"])
+        table.add_row(
+            row["family"],
+            row["role"],
+            f"{b['exact_normalized_entropy']:.3f} -> {a['exact_normalized_entropy']:.3f}",
+            f"{b['exact_top_option']} {b['exact_top_share']:.0%} -> {a['exact_top_option']} {a['exact_top_share']:.0%}",
+            f"{b['sampled_coverage_count']} -> {a['sampled_coverage_count']} of {b['options']}",
+            _pct(b["sampled_invalid_rate"]) + " -> " + _pct(a["sampled_invalid_rate"]),
+            "-" if ratio is None else f"{ratio:.3f}",
+        )
+    Console().print(table)
+    Console().print(f"adapter: {result['adapter_dir']}\nreport:  {result['report_md']}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 if __name__ == "__main__":
