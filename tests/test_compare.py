@@ -301,18 +301,6 @@ def test_cli_refuses_unknown_method_before_any_work():
 # ---- one real run of the flow ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two busy-waiting thread pools slow decoding tens of times (STACK.md),
-    and one thread costs little for a model this small."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_compare_methods_flow_real_run(tmp_path, prefect_server, one_torch_thread):
     from polyculture.flows.compare_methods import compare_methods

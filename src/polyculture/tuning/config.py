@@ -68,8 +68,8 @@ class TuneConfig(_Strict):
     )
     families: list[str] | None = Field(
         default=None,
-        description="Families to train on (names or YAML paths); default: every family found, "
-        "except the held-out ones.",
+        description="Families to train on (names or YAML paths); default: every family in the config's own "
+        "families/ folder if it has one, else in configs/tuning/families, except the held-out ones.",
     )
     held_out: list[str] = Field(default_factory=list, description="Families never trained on, probed before/after.")
     lora: LoraSettings = LoraSettings()
@@ -134,7 +134,8 @@ def config_families(config: TuneConfig, base_dir: Path) -> tuple[list[TaskFamily
     held_out = load("held_out", config.held_out)
     held_names = {f.name for f in held_out}
     if config.families is None:
-        names = [n for n in available_families(family_dir) if n not in held_names]
+        # A config folder with its own families/ trains on those; otherwise on the shipped ones.
+        names = [n for n in available_families(family_dir, only=True) if n not in held_names]
     else:
         names = config.families
     training = load("families", names)

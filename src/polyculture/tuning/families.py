@@ -157,10 +157,10 @@ def family_dirs(extra: Path | None = None) -> list[Path]:
     return seen
 
 
-def available_families(directory: Path | None = None) -> dict[str, Path]:
-    """Family name -> file, from `directory` (if given) then configs/tuning/families."""
+def available_families(directory: Path | None = None, *, only: bool = False) -> dict[str, Path]:
+    """Family name -> file, from `directory` (if given) then configs/tuning/families; `only`: that directory alone."""
     found: dict[str, Path] = {}
-    for d in family_dirs(directory):
+    for d in [directory] if only and directory is not None else family_dirs(directory):
         for path in sorted(d.glob("*.yaml")):
             found.setdefault(path.stem, path)
     return found
