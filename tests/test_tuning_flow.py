@@ -129,3 +129,15 @@ def test_tune_command_refuses_a_bad_config_before_loading_anything(tune_dir: Pat
     out = _cli("tune", str(tune_dir / "tune.yaml"), "--hold-out", "nope")
     assert out.returncode == 2 and "held_out: unknown task family 'nope'" in out.stderr
     assert "--leave-one-out" in _cli("tune", "--help").stdout
+
+
+def test_probe_model_flow_writes_its_figures(tune_dir: Path, tmp_path: Path, prefect_server, one_torch_thread):
+    from polyculture.flows.probe_model import probe_model
+
+    result = probe_model(
+        [str(tune_dir / "families" / "colours.yaml")], samples=3, output_dir=str(tmp_path / "probes")
+    )
+    out = Path(result["output_dir"])
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["results"][0]["family"] == "colours" and saved["results"][0]["sampled"]["samples_per_prompt"] == 3
+    assert "| colours | 3 |" in (out / "probe.md").read_text()
