@@ -16,7 +16,7 @@ from polyculture.stages.embed import load_embedder
 
 def load_engine(spec: BuildSpec) -> tuple[Engine, float]:
     """The spec's engine, and the seconds it took to start (reported to the progress display)."""
-    progress.report("load model", 0, 1, f"{spec.model.engine}: {spec.model.name}")
+    progress.report("load model", 0, 1, f"{spec.model.engine}: {spec.model.label}")
     started = time.perf_counter()
     engine = create_engine(spec.model, seed=spec.seed, base_dir=spec.base_dir)
     seconds = time.perf_counter() - started

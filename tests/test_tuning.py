@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from polyculture.engines.chat_tokens import answer_tokens
+from polyculture.engines.chat_tokens import answer_logprobs, answer_tokens
 from polyculture.tuning.config import TuneConfigError, config_families, load_tune_config
 from polyculture.tuning.families import (
     FamilyError,
@@ -20,7 +20,7 @@ from polyculture.tuning.families import (
     normalize_answer,
     resolve_family,
 )
-from polyculture.tuning.loss import answer_logprobs, diffuse_loss
+from polyculture.tuning.loss import diffuse_loss
 
 PROJECT = Path(__file__).resolve().parent.parent
 FAMILIES = PROJECT / "configs" / "tuning" / "families"
@@ -163,19 +163,28 @@ def base():
     torch.set_num_threads(threads)
 
 
-def test_prefix_shared_logprobs_equal_the_engines_whole_sequence_scores(base):
+def test_prefix_shared_logprobs_equal_whole_sequence_scores(base):
+    """The shared-prompt computation against the plain one: each full sequence through the model on its own."""
     from polyculture.engines.transformers_engine import TransformersEngine
 
     model, tokenizer = base
     family = resolve_family("numbers_1_100")
     conversation = family.conversations()[0]
     answers = ["7", "42", "100", "Seven", "Sao Paulo"]  # one to four tokens, so padding is exercised
+    tokens = answer_tokens(tokenizer, conversation, answers)
+    whole = []
     with torch.no_grad():
-        shared = answer_logprobs(model, answer_tokens(tokenizer, conversation, answers), tokenizer.pad_token_id or 0)
-    engine = TransformersEngine.from_loaded(model, tokenizer, name="smollm2", seed=0)
-    whole = torch.tensor(engine.sequence_logprobs(conversation, answers))
-    assert torch.allclose(shared, whole, atol=1e-3), (shared, whole)
+        shared = answer_logprobs(model, tokens, tokenizer.pad_token_id or 0)
+        for ids in tokens.answer_ids:
+            sequence = torch.tensor([tokens.prompt_ids + ids])
+            logp = torch.log_softmax(model(input_ids=sequence).logits[0, :-1].float(), dim=-1)
+            positions = range(len(tokens.prompt_ids) - 1, sequence.shape[1] - 1)
+            whole.append(sum(float(logp[pos, sequence[0, pos + 1]]) for pos in positions))
+    assert torch.allclose(shared, torch.tensor(whole), atol=1e-3), (shared, whole)
     assert (shared < 0).all()
+    # The engine scores the same way, in chunks that each re-run the prompt.
+    engine = TransformersEngine.from_loaded(model, tokenizer, name="smollm2", seed=0, logprob_batch=2)
+    assert torch.allclose(torch.tensor(engine.sequence_logprobs(conversation, answers)), shared, atol=1e-4)
 
 
 def test_the_loss_is_the_cross_entropy_and_its_minimum_is_the_targets_entropy():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +44,11 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+
+def _stdout() -> Console:
+    # Piped or redirected output gets room for whole tables instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
 SpecArg = Annotated[Path, typer.Argument(help="Build spec (YAML); see schemas/build-spec.schema.json.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -78,14 +84,31 @@ def _check_models(spec: Any) -> None:
 
 
 class _RichReporter:
+    """Live bars on a terminal; elsewhere (a log file, CI) one plain line per stage start, end and every
+    LOG_EVERY_S seconds, since a redirected live display only shows up when the command ends."""
+
+    LOG_EVERY_S = 30.0
+
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, Any] = {}
+        self.lines = not err.is_terminal and not progress.disable
+        self.last_line: dict[str, float] = {}
 
     def __call__(self, stage: str, done: int, total: int, note: str) -> None:
+        if self.lines:
+            self._line(stage, done, total, note)
+            return
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=max(total, 1), note=note)
         self.progress.update(self.tasks[stage], completed=done, total=max(total, 1), note=note)
+
+    def _line(self, stage: str, done: int, total: int, note: str) -> None:
+        now = time.monotonic()
+        first = stage not in self.last_line
+        if first or done >= total or now - self.last_line[stage] >= self.LOG_EVERY_S:
+            self.last_line[stage] = now
+            err.print(f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total} {note}".rstrip(), highlight=False)
 
 
 @app.command()
@@ -125,8 +148,8 @@ def build(
     usage = result["usage"]
     table.add_row("tokens/s", f"{usage['generated_tokens_per_second']}")
     table.add_row("wall time", f"{usage['wall_seconds']:.0f} s")
-    Console().print(table)
-    Console().print(
+    _stdout().print(table)
+    _stdout().print(
         f"dataset: {result['dataset_dir']}\nreport:  {result['report_md']}\n         {result['report_json']}"
     )
 
@@ -183,7 +206,7 @@ def compare_methods_command(
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     else:
         table = Table(
-            title=f"{spec.name}: {report['budget_tokens']:,} generated tokens per method ({spec.model.name}, "
+            title=f"{spec.name}: {report['budget_tokens']:,} generated tokens per method ({spec.model.label}, "
             f"{spec.model.engine})"
         )
         # One column per method, one row per figure: seven methods fit a terminal, twenty figures would not.
@@ -218,14 +241,14 @@ def check(spec_path: SpecArg, as_json: JsonOpt = False) -> None:
         "prompts": int(cells["n_prompts"].sum()),
         "samples_per_prompt": spec.sampling.n,
         "method": spec.method.name,
-        "model": spec.model.name,
+        "model": spec.model.label,
         "engine": spec.model.engine,
     }
     if as_json:
         sys.stdout.write(json.dumps(summary | {"plan": cells.to_dicts()}, indent=2) + "\n")
         return
-    Console().print(summary)
-    Console().print(cells)
+    _stdout().print(summary)
+    _stdout().print(cells)
 
 
 @app.command()
@@ -256,7 +279,7 @@ def models(as_json: JsonOpt = False) -> None:
         return
     for kind, names in listing.items():
         for name, what in names.items():
-            Console().print(f"[bold]{name}[/] ({kind}): {what}")
+            _stdout().print(f"[bold]{name}[/] ({kind}): {what}")
 
 
 def _family_table(title: str, probes: list[dict[str, Any]]) -> Table:
@@ -357,7 +380,7 @@ def probe(
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     name = model + (f" + {adapter}" if adapter else "")
-    Console().print(_family_table(f"{name} ({engine}, {samples} samples per phrasing, T={temperature})", results))
+    _stdout().print(_family_table(f"{name} ({engine}, {samples} samples per phrasing, T={temperature})", results))
 
 
 @app.command()
@@ -420,7 +443,7 @@ def tune(
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
     if leave_one_out:
-        Console().print(f"leave-one-out summary: {result['summary_dir']}/leave_one_out.md")
+        _stdout().print(f"leave-one-out summary: {result['summary_dir']}/leave_one_out.md")
         return
     table = Table(
         title=f"{config.name}: {result['steps']} steps in {result['seconds']:.0f} s ({result['stop_reason']})"
@@ -447,8 +470,8 @@ def tune(
             _pct(b["sampled_invalid_rate"]) + " -> " + _pct(a["sampled_invalid_rate"]),
             "-" if ratio is None else f"{ratio:.3f}",
         )
-    Console().print(table)
-    Console().print(f"adapter: {result['adapter_dir']}\nreport:  {result['report_md']}")
+    _stdout().print(table)
+    _stdout().print(f"adapter: {result['adapter_dir']}\nreport:  {result['report_md']}")
 
 
 def _pct(value: float | None) -> str:

@@ -27,10 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from polyculture.engines.base import ADAPTER_WITH_SERVER
 from polyculture.engines.models import (
     EMBEDDED_CHAT_MODELS,
     EMBEDDED_EMBEDDING_MODELS,
+    ModelUnavailable,
     check_model_name,
+    locate_adapter,
 )
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -166,10 +169,16 @@ class MethodSpec(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(
         default="smollm2-135m-instruct",
-        description=f"An embedded model ({', '.join(EMBEDDED_CHAT_MODELS)}), a local Hugging Face folder, or a hub id; "
+        description=f"An embedded model ({', '.join(EMBEDDED_CHAT_MODELS)}), a local Hugging Face folder, a hub id, "
+        "or a peft LoRA adapter folder (its base model read from polyculture-adapter.json or adapter_config.json); "
         "with engine openai, the model id the server serves.",
     )
     engine: Literal["vllm", "transformers", "openai"] = Field(default="vllm")
+    adapter: str | None = Field(
+        default=None,
+        description="A local peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to "
+        "the model; relative to the spec file. Not with engine openai (name the server's LoRA model instead).",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto")
     max_model_len: int = Field(default=2048, ge=128)
     batch_size: int = Field(
@@ -185,6 +194,24 @@ class ModelSpec(_Strict):
     max_concurrency: int = Field(default=16, ge=1, le=1024, description="engine openai: requests in flight at once.")
     request_timeout: float = Field(default=300.0, gt=0, description="engine openai: seconds per request.")
     max_retries: int = Field(default=3, ge=0, le=20, description="engine openai: retries with backoff per request.")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, adapter: str | None, info: ValidationInfo) -> str | None:
+        if adapter is None:
+            return None
+        if info.data.get("engine") == "openai":
+            raise ValueError(ADAPTER_WITH_SERVER)
+        try:
+            locate_adapter(adapter, _base_dir(info))
+        except ModelUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        return adapter
+
+    @property
+    def label(self) -> str:
+        """The model as records and reports name it: the base, plus the adapter folder's name when one is applied."""
+        return self.name if self.adapter is None else f"{self.name}+{Path(self.adapter).name}"
 
     @model_validator(mode="after")
     def _server(self) -> ModelSpec:

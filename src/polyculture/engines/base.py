@@ -56,6 +56,12 @@ class EngineError(RuntimeError):
     """An engine that cannot start or run; the message says why."""
 
 
+ADAPTER_WITH_SERVER = (
+    "engine 'openai' cannot apply a local adapter: the server serves its own adapters. Load the adapter into the "
+    "server (vLLM: --enable-lora --lora-modules NAME=FOLDER) and give that served name as model.name instead"
+)
+
+
 def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = ".") -> Engine:
     """Build the engine a spec's `model:` section describes; imports are lazy so one engine's dependencies never
     load for another."""
@@ -64,15 +70,18 @@ def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = "."
     if model.engine == "transformers":
         from polyculture.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(resolve_chat_model(model.name, Path(base_dir)), seed=seed, dtype=model.dtype)
+        resolved = resolve_chat_model(model.name, Path(base_dir), adapter=model.adapter)
+        return TransformersEngine(resolved, seed=seed, dtype=model.dtype)
     if model.engine == "vllm":
         from polyculture.engines.vllm_engine import VLLMEngine
 
-        resolved = resolve_chat_model(model.name, Path(base_dir))
+        resolved = resolve_chat_model(model.name, Path(base_dir), adapter=model.adapter)
         return VLLMEngine(resolved, seed=seed, dtype=model.dtype, max_model_len=model.max_model_len)
     if model.engine == "openai":
         from polyculture.engines.openai_engine import OpenAIEngine
 
+        if model.adapter is not None:
+            raise EngineError(ADAPTER_WITH_SERVER)
         if model.base_url is None:
             raise EngineError("engine 'openai' needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
         return OpenAIEngine(

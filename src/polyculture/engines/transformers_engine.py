@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,38 +15,81 @@ from polyculture.engines.base import (
     EngineError,
     SamplingParams,
 )
+from polyculture.engines.chat_tokens import AnswerTokens, TokenizationMismatch, answer_logprobs, answer_tokens
 from polyculture.engines.models import ResolvedModel
 
 
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model: ResolvedModel, *, seed: int = 0, dtype: str = "auto", logprob_batch: int = 32) -> None:
+    def __init__(self, model: ResolvedModel, *, seed: int = 0, dtype: str = "auto", logprob_batch: int = 128) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_name = model.name
         # On CPU, float32 is faster than bf16 matmuls (STACK.md: 149 vs 86 tok/s).
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model.path))
-            self.model = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+            loaded = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise EngineError(f"transformers could not load model '{model.name}' from {model.path}: {exc}") from exc
-        self.model.eval()
-        self.tokenizer.padding_side = "left"  # batched generation continues from the right edge
+        if model.adapter is not None:
+            loaded = _merged_adapter(loaded, model)
+        self._setup(loaded, tokenizer, name=model.name, seed=seed, logprob_batch=logprob_batch)
+
+    @classmethod
+    def from_loaded(
+        cls, model: Any, tokenizer: Any, *, name: str, seed: int = 0, logprob_batch: int = 128
+    ) -> TransformersEngine:
+        """Wrap a model already in memory (a plain or peft-wrapped causal LM) without reloading it.
+
+        The caller's model keeps its train/eval mode and the global torch RNG is left alone (the engine samples
+        from its own seeded stream), so a tuner can probe its model between training steps.
+        """
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, name=name, seed=seed, logprob_batch=logprob_batch)
+        return engine
+
+    def _setup(self, model: Any, tokenizer: Any, *, name: str, seed: int, logprob_batch: int) -> None:
+        self.model_name = name
+        self.model = model
+        self.tokenizer = tokenizer
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._logprob_batch = logprob_batch
         self._grammars: dict[str, Any] = {}
         self._xgr_info: Any = None
-        torch.manual_seed(seed)  # engine-level seed: the sequence of calls is reproducible
+        # Engine-level seed on a private stream: the sequence of calls is reproducible, whatever else uses torch.
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        device = getattr(model, "device", None)
+        self._device = device if isinstance(device, torch.device) else next(model.parameters()).device
+        self._cuda_rng_state: torch.Tensor | None = None
+        if self._device.type == "cuda":  # sampling on a GPU draws from that device's generator
+            if self._device.index is None:
+                self._device = torch.device("cuda", torch.cuda.current_device())
+            with torch.random.fork_rng(devices=[self._device.index]):
+                torch.cuda.manual_seed(seed)
+                self._cuda_rng_state = torch.cuda.get_rng_state(self._device.index)
 
-    def _render(self, conversation: Conversation, continuation: str | None = None) -> str:
-        if continuation is None:
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.apply_chat_template(
-            [*conversation, {"role": "assistant", "content": continuation}], tokenize=False
-        )
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode, no autograd and the engine's own RNG stream; the model's mode is restored afterwards."""
+        was_training = self.model.training
+        cuda = [self._device.index] if self._cuda_rng_state is not None else []
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+                torch.set_rng_state(self._rng_state)
+                if self._cuda_rng_state is not None:
+                    torch.cuda.set_rng_state(self._cuda_rng_state, self._device.index)
+                yield
+                self._rng_state = torch.get_rng_state()
+                if self._cuda_rng_state is not None:
+                    self._cuda_rng_state = torch.cuda.get_rng_state(self._device.index)
+        finally:
+            self.model.train(was_training)
+
+    def _render(self, conversation: Conversation) -> str:
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def _compiled_grammar(self, json_schema: dict[str, Any]) -> Any:
         import xgrammar as xgr
@@ -60,7 +105,6 @@ class TransformersEngine:
             self._grammars[key] = compiler.compile_json_schema(key, any_whitespace=False)
         return self._grammars[key]
 
-    @torch.inference_mode()
     def generate(
         self,
         conversations: list[Conversation],
@@ -69,8 +113,18 @@ class TransformersEngine:
     ) -> list[list[Completion]]:
         if not conversations:
             return []
+        with self._inference():
+            return self._generate(conversations, params, json_schema)
+
+    def _generate(
+        self, conversations: list[Conversation], params: SamplingParams, json_schema: dict[str, Any] | None
+    ) -> list[list[Completion]]:
         prompts = [self._render(c) for c in conversations]
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Left padding, per call: batched generation continues from the right edge, and a caller's tokenizer
+        # (from_loaded) keeps its own padding side.
+        batch = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        ).to(self._device)
         processors = []
         if json_schema is not None:
             from xgrammar.contrib.hf import LogitsProcessor
@@ -110,36 +164,36 @@ class TransformersEngine:
             results.append(row)
         return results
 
-    @torch.inference_mode()
     def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
-        prompt_ids = self.tokenizer(self._render(conversation), add_special_tokens=False)["input_ids"]
-        eot = self.tokenizer.eos_token
-        sequences: list[list[int]] = []
-        for text in continuations:
-            full = self._render(conversation, text)
-            # Score up to and including the end-of-turn token; the template's trailing newline is not generated.
-            cut = full.find(eot, len(self._render(conversation)) - 1)
-            full = full[: cut + len(eot)] if cut >= 0 else full
-            ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
-            if ids[: len(prompt_ids)] != prompt_ids:
-                raise EngineError("chat template tokenises the prompt differently inside the full sequence")
-            sequences.append(ids)
+        try:
+            tokens = answer_tokens(self.tokenizer, conversation, continuations)
+        except TokenizationMismatch as exc:
+            raise EngineError(str(exc)) from exc
+        pad = self.tokenizer.pad_token_id
         scores: list[float] = []
-        for start in range(0, len(sequences), self._logprob_batch):
-            chunk = sequences[start : start + self._logprob_batch]
-            width = max(len(s) for s in chunk)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk])
-            logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-            for row, seq in enumerate(chunk):
-                scores.append(float(logp[row, len(prompt_ids) - 1 : len(seq) - 1].sum()))
+        with self._inference():
+            # The prompt runs once per chunk and its cache is shared by the chunk's answers (answer_logprobs).
+            for start in range(0, len(tokens.answer_ids), self._logprob_batch):
+                chunk = AnswerTokens(tokens.prompt_ids, tokens.answer_ids[start : start + self._logprob_batch])
+                scores.extend(answer_logprobs(self.model, chunk, pad).tolist())
         return scores
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
         self._grammars.clear()
+
+
+def _merged_adapter(base: Any, model: ResolvedModel) -> Any:
+    """The base model with the LoRA adapter merged into its weights: plain matmuls at inference, no peft overhead."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(model.adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing files, bad config, shape mismatch
+        raise EngineError(
+            f"transformers could not apply adapter '{model.adapter}' to base model {model.path}: {exc}"
+        ) from exc
+    return peft_model.merge_and_unload()
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -366,7 +366,7 @@ def comparison_report(
             "dataset": spec.name,
             "run_id": run_id,
             "spec_fingerprint": spec.fingerprint(),
-            "model": spec.model.name,
+            "model": spec.model.label,
             "engine": spec.model.engine,
             "method_options": spec.method.model_dump(mode="json", exclude={"name"}),
             "sampling": spec.sampling.model_dump(mode="json"),

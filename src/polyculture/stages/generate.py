@@ -191,7 +191,7 @@ def _row(
         "completion_tokens": completion.completion_tokens,
         "finish_reason": completion.finish_reason,
         "method": method.name,
-        "model": spec.model.name,
+        "model": spec.model.label,
         "engine": engine.name,
     }
 

@@ -214,7 +214,7 @@ def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns
         "",
         "| setting | value |",
         "|---|---|",
-        f"| model | `{spec.model.name}` |",
+        f"| model | `{spec.model.label}` |",
         f"| engine | {spec.model.engine} (dtype {spec.model.dtype}) |",
         f"| method | {method_text} |",
         f"| sampling | temperature {s.temperature}, top_p {s.top_p}, max_tokens {s.max_tokens}, {s.n} sample(s) per prompt |",

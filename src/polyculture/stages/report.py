@@ -70,7 +70,7 @@ def write_report(
         "run_id": run_id,
         "spec_fingerprint": spec.fingerprint(),
         "generation": {
-            "model": spec.model.name,
+            "model": spec.model.label,
             "engine": spec.model.engine,
             "method": spec.method.model_dump(mode="json"),
             "sampling": spec.sampling.model_dump(mode="json"),

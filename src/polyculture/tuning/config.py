@@ -42,11 +42,15 @@ class TrainingSettings(_Strict):
         default=4, ge=1, le=256, description="Prompts (family x phrasing) per optimiser step."
     )
     max_steps: int = Field(default=300, ge=1)
-    max_minutes: float = Field(default=15.0, gt=0, description="Wall-clock budget for the training loop.")
+    max_minutes: float = Field(default=12.0, gt=0, description="Wall-clock budget for the training loop.")
     gamma: float = Field(
         default=0.2,
         ge=0,
         description="Early stop for non-exhaustive families: a family leaves training once its loss <= (1+gamma) H(w).",
+    )
+    recheck_every: int = Field(
+        default=10, ge=1, description="Steps between re-measurements of families that left training (they rejoin if "
+        "training on the others pushed their loss back above the threshold)."
     )
     converged_ratio: float = Field(
         default=1.02,

@@ -3,8 +3,9 @@
 One optimiser step takes `prompts_per_step` (family, phrasing) pairs from the families still in training, sums the
 diffuse loss of each, clips the gradient and steps AdamW. A family leaves training when its loss (mean over its
 phrasings, as last measured) reaches (1+gamma) H(w) if it is not exhaustive (the paper's early stop, so a sample list
-of fruits is not forced) or converged_ratio * H(w) if it is; the run ends when no family is left, or at max_steps,
-or at the time budget.
+of fruits is not forced) or converged_ratio * H(w) if it is. Families that left are re-measured every recheck_every
+steps and rejoin if training on the others pushed them back above; the run ends when a re-measurement of every family
+finds none above its threshold, or at max_steps, or at the time budget.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 
 from polyculture import progress
-from polyculture.engines.chat_tokens import AnswerTokens, answer_tokens
+from polyculture.engines.chat_tokens import AnswerTokens, answer_logprobs, answer_tokens
 from polyculture.tuning.config import LoraSettings, TrainingSettings
 from polyculture.tuning.families import TaskFamily
-from polyculture.tuning.loss import answer_logprobs, diffuse_loss
+from polyculture.tuning.loss import diffuse_loss
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TrainResult:
     stop_reason: str  # "all families done" | "max_steps" | "max_minutes"
     final_loss: dict[str, float]  # family -> mean loss over its phrasings (nats), measured after training
     final_ratio: dict[str, float]  # family -> final loss / H(w) (1.0 is the optimum)
-    stopped_at: dict[str, int | None]  # family -> step at which it left training (None: trained to the end)
+    stopped_at: dict[str, int | None]  # family -> step at which it last left training (None: trained to the end)
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per step
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +115,23 @@ def train_diffuse(
     model.train()
     step = 0
     progress.report("tune", 0, settings.max_steps, f"{len(families)} families, {len(items)} prompts")
+    def recheck(names: list[str]) -> list[str]:
+        """Re-measure families that left: training on the others can undo them (numbers_even pushes "10" up in
+        numbers_1_10), so any that drifted back above their threshold rejoin training."""
+        losses = family_losses(model, [i for i in items if i.family in names], pad_id)
+        back = sorted(n for n, v in losses.items() if v > stop_ratio[n] * by_family[n].target_entropy)
+        for name in back:
+            stopped_at[name] = None
+            for key in [k for k in latest if k[0] == name]:
+                del latest[key]
+        return back
+
     while step < settings.max_steps:
+        left = [name for name, at in stopped_at.items() if at is not None]
+        if left and (not any(at is None for at in stopped_at.values()) or step % settings.recheck_every == 0):
+            rejoined = recheck(left)
+            if history and rejoined:
+                history[-1]["rejoined_training"] = rejoined
         active = [i for i in items if stopped_at[i.family] is None]
         if not active:
             stop_reason = "all families done"
@@ -160,8 +177,6 @@ def train_diffuse(
         mean_ratio = sum(sum(v) for v in step_losses.values()) / sum(len(v) for v in step_losses.values())
         active_left = sum(1 for v in stopped_at.values() if v is None)
         progress.report("tune", step, settings.max_steps, f"loss/H {mean_ratio:.3f}, {active_left} families left")
-    if not any(v is None for v in stopped_at.values()):
-        stop_reason = "all families done"
     seconds = time.perf_counter() - started
     final = family_losses(model, items, pad_id)
     model.eval()
