@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polyculture.engines.models import EMBEDDED_CHAT_MODELS
 from polyculture.tuning.families import FamilyError, TaskFamily, available_families, resolve_family
+from polyculture.tuning.yaml_file import load_validated
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,8 +49,10 @@ class TrainingSettings(_Strict):
         description="Early stop for non-exhaustive families: a family leaves training once its loss <= (1+gamma) H(w).",
     )
     recheck_every: int = Field(
-        default=10, ge=1, description="Steps between re-measurements of families that left training (they rejoin if "
-        "training on the others pushed their loss back above the threshold)."
+        default=10,
+        ge=1,
+        description="Steps between re-measurements of families that left training (they rejoin if "
+        "training on the others pushed their loss back above the threshold).",
     )
     converged_ratio: float = Field(
         default=1.02,
@@ -91,23 +93,13 @@ class TuneConfig(_Strict):
 
 
 def load_tune_config(path: Path | str, overrides: dict | None = None) -> TuneConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise TuneConfigError(f"cannot read tuning config {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise TuneConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise TuneConfigError(f"{path}: a tuning config is a mapping (name, model, families, held_out, ...)")
-    raw = _merged(raw, overrides or {})
-    try:
-        return TuneConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise TuneConfigError(f"{path}: {problems}") from None
+    return load_validated(
+        Path(path),
+        TuneConfig,
+        TuneConfigError,
+        "a tuning config: a mapping with name, model, families, held_out, ...",
+        overrides=lambda raw: _merged(raw, overrides or {}),
+    )
 
 
 def _merged(base: dict, overrides: dict) -> dict:

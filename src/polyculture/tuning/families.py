@@ -12,8 +12,9 @@ import unicodedata
 from functools import cached_property
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from polyculture.tuning.yaml_file import load_validated
 
 FAMILY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Where family names are looked up: the working directory's configs, then the checkout this package came from.
@@ -131,21 +132,9 @@ def normalize_answer(text: str) -> str:
 
 
 def load_family(path: Path) -> TaskFamily:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FamilyError(f"cannot read task family {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise FamilyError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise FamilyError(f"{path}: a task family is a mapping with name, exhaustive, options and prompts")
-    try:
-        return TaskFamily.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise FamilyError(f"{path}: {problems}") from None
+    return load_validated(
+        path, TaskFamily, FamilyError, "a task family: a mapping with name, exhaustive, options, prompts"
+    )
 
 
 def family_dirs(extra: Path | None = None) -> list[Path]:

@@ -54,8 +54,8 @@ def probe_markdown(probes: list[dict[str, Any]]) -> str:
 
 def before_after_rows(before: dict[str, dict], after: dict[str, dict], roles: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
-    for name in before:
-        b, a = headline(before[name]), headline(after[name])
+    for name, probe in before.items():
+        b, a = headline(probe), headline(after[name])
         rows.append({"family": name, "role": roles[name], "before": b, "after": a})
     return rows
 

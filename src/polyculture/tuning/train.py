@@ -115,6 +115,7 @@ def train_diffuse(
     model.train()
     step = 0
     progress.report("tune", 0, settings.max_steps, f"{len(families)} families, {len(items)} prompts")
+
     def recheck(names: list[str]) -> list[str]:
         """Re-measure families that left: training on the others can undo them (numbers_even pushes "10" up in
         numbers_1_10), so any that drifted back above their threshold rejoin training."""
