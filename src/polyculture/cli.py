@@ -83,6 +83,13 @@ def _check_models(spec: Any) -> None:
         _fail(str(exc), 3)
 
 
+def _progress_bar(quiet: bool, *, label_width: int, transient: bool = False) -> Progress:
+    """The progress display every long command uses: stage label, bar, count, elapsed time, a note."""
+    columns = [SpinnerColumn(), TextColumn(f"{{task.description:<{label_width}}}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
+    return Progress(*columns, console=err, disable=quiet, transient=transient)
+
+
 class _RichReporter:
     """Live bars on a terminal; elsewhere (a log file, CI) one plain line per stage start, end and every
     LOG_EVERY_S seconds, since a redirected live display only shows up when the command ends."""
@@ -131,9 +138,7 @@ def build(
     _check_models(spec)
     from polyculture.flows.build_dataset import build_dataset
 
-    columns = [SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn()]
-    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
-    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    bar = _progress_bar(quiet, label_width=10)
     try:
         with bar, progress.reporting(_RichReporter(bar)):
             result = build_dataset(str(spec_path), run_id=run_id, output_root=str(output_dir) if output_dir else None)
@@ -187,9 +192,7 @@ def compare_methods_command(
     _check_models(spec)
     from polyculture.flows.compare_methods import compare_methods
 
-    columns = [SpinnerColumn(), TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn()]
-    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
-    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    bar = _progress_bar(quiet, label_width=18)
     try:
         with bar, progress.reporting(_RichReporter(bar)):
             report = compare_methods(
@@ -356,9 +359,7 @@ def probe(
         model_spec = ModelSpec(name=model, engine=engine, adapter=str(adapter) if adapter else None)
     except ValidationError as exc:
         _fail("; ".join(f"--{'.'.join(str(p) for p in e['loc']) or 'model'}: {e['msg']}" for e in exc.errors()))
-    columns = [SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn()]
-    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
-    bar = Progress(*columns, console=err, disable=quiet, transient=True)
+    bar = _progress_bar(quiet, label_width=10, transient=True)
     results = []
     try:
         with bar:
@@ -428,9 +429,7 @@ def tune(
         _fail(str(exc))
     from polyculture.flows.diffuse_tune import diffuse_tune, diffuse_tune_leave_one_out
 
-    columns = [SpinnerColumn(), TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn()]
-    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
-    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    bar = _progress_bar(quiet, label_width=13)
     try:
         with bar, progress.reporting(_RichReporter(bar)):
             if leave_one_out:
