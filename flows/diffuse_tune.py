@@ -23,7 +23,7 @@ from polyculture.tuning.adapter import save_adapter
 from polyculture.tuning.config import ProbeSettings, TuneConfig, config_families, load_tune_config
 from polyculture.tuning.families import TaskFamily
 from polyculture.tuning.probe import answer_token_cap, probe_family
-from polyculture.tuning.report import before_after_rows, headline, write_tune_report
+from polyculture.tuning.report import before_after_rows, headline, leave_one_out_markdown, write_tune_report
 from polyculture.tuning.train import attach_lora, train_diffuse
 
 
@@ -44,7 +44,9 @@ def load_base_task(config: TuneConfig, base_dir: Path) -> TransformersEngine:
 
 
 @task(name="probe", cache_policy=NONE)
-def probe_task(engine: TransformersEngine, families: list[TaskFamily], settings: ProbeSettings, label: str) -> dict[str, Any]:
+def probe_task(
+    engine: TransformersEngine, families: list[TaskFamily], settings: ProbeSettings, label: str
+) -> dict[str, Any]:
     results = {}
     for done, family in enumerate(families):
         progress.report(f"probe {label}", done, len(families), family.name)
@@ -155,20 +157,5 @@ def diffuse_tune_leave_one_out(config_path: str, overrides: dict[str, Any] | Non
     summary_dir = Path(config.output_dir) / config.name / f"{stamp}-leave-one-out"
     summary_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(summary_dir / "leave_one_out.json", json.dumps(jsonable(runs), indent=2) + "\n")
-    lines = [
-        "| held-out family | normalised entropy (exact) | coverage (sampled) | invalid (sampled) | run |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for run in runs:
-        b, a = run["before"], run["after"]
-        lines.append(
-            f"| {run['held_out']} | {b['exact_normalized_entropy']:.3f} -> {a['exact_normalized_entropy']:.3f} "
-            f"| {b['sampled_coverage_count']} -> {a['sampled_coverage_count']} of {b['options']} "
-            f"| {_pct(b['sampled_invalid_rate'])} -> {_pct(a['sampled_invalid_rate'])} | {run['run_dir']} |"
-        )
-    write_text_atomic(summary_dir / "leave_one_out.md", "# Leave one family out\n\n" + "\n".join(lines) + "\n")
+    write_text_atomic(summary_dir / "leave_one_out.md", leave_one_out_markdown(runs))
     return {"summary_dir": str(summary_dir), "runs": runs}
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"

@@ -49,6 +49,7 @@ def _stdout() -> Console:
     # Piped or redirected output gets room for whole tables instead of rich's 80-column default.
     return Console() if sys.stdout.isatty() else Console(width=200)
 
+
 SpecArg = Annotated[Path, typer.Argument(help="Build spec (YAML); see schemas/build-spec.schema.json.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -299,14 +300,10 @@ def _family_table(title: str, probes: list[dict[str, Any]]) -> Table:
         "invalid (sampled)",
     ):
         table.add_column(column, justify="left" if column.startswith(("family", "top")) else "right")
-    from polyculture.tuning.report import headline
+    from polyculture.tuning.report import fmt, headline
 
     for probe in probes:
         h = headline(probe)
-
-        def fmt(value: Any, spec: str = ".3f") -> str:
-            return "-" if value is None else format(value, spec)
-
         table.add_row(
             h["family"],
             str(h["options"]),
@@ -407,6 +404,7 @@ def tune(
     from polyculture.engines.base import EngineError
     from polyculture.engines.models import ModelUnavailable
     from polyculture.tuning.config import TuneConfigError, config_families, load_tune_config
+    from polyculture.tuning.report import fmt
 
     overrides: dict[str, Any] = {}
     if hold_out is not None:
@@ -466,15 +464,11 @@ def tune(
             f"{b['exact_normalized_entropy']:.3f} -> {a['exact_normalized_entropy']:.3f}",
             f"{b['exact_top_option']} {b['exact_top_share']:.0%} -> {a['exact_top_option']} {a['exact_top_share']:.0%}",
             f"{b['sampled_coverage_count']} -> {a['sampled_coverage_count']} of {b['options']}",
-            _pct(b["sampled_invalid_rate"]) + " -> " + _pct(a["sampled_invalid_rate"]),
+            fmt(b["sampled_invalid_rate"], ".0%") + " -> " + fmt(a["sampled_invalid_rate"], ".0%"),
             "-" if ratio is None else f"{ratio:.3f}",
         )
     _stdout().print(table)
     _stdout().print(f"adapter: {result['adapter_dir']}\nreport:  {result['report_md']}")
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
 
 
 if __name__ == "__main__":

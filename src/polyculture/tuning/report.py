@@ -29,7 +29,8 @@ def headline(probe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A figure for a table cell; "-" where there is none (e.g. no samples were drawn)."""
     if value is None:
         return "-"
     return format(value, spec) if isinstance(value, float) else str(value)
@@ -44,10 +45,10 @@ def probe_markdown(probes: list[dict[str, Any]]) -> str:
     for probe in probes:
         h = headline(probe)
         lines.append(
-            f"| {md_cell(h['family'])} | {h['options']} | {_fmt(h['exact_normalized_entropy'])} "
-            f"| {md_cell(h['exact_top_option'], 24)} ({_fmt(h['exact_top_share'], '.0%')}) | {_fmt(h['exact_kl_bits'])} "
-            f"| {_fmt(h['valid_mass'], '.2e')} | {_fmt(h['sampled_normalized_entropy'])} "
-            f"| {_fmt(h['sampled_coverage_count'])}/{h['options']} | {_fmt(h['sampled_invalid_rate'], '.0%')} |"
+            f"| {md_cell(h['family'])} | {h['options']} | {fmt(h['exact_normalized_entropy'])} "
+            f"| {md_cell(h['exact_top_option'], 24)} ({fmt(h['exact_top_share'], '.0%')}) | {fmt(h['exact_kl_bits'])} "
+            f"| {fmt(h['valid_mass'], '.2e')} | {fmt(h['sampled_normalized_entropy'])} "
+            f"| {fmt(h['sampled_coverage_count'])}/{h['options']} | {fmt(h['sampled_invalid_rate'], '.0%')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -97,12 +98,12 @@ def _markdown(result: dict[str, Any]) -> str:
         ratio = train["final_ratio"].get(row["family"])
         out.append(
             f"| {md_cell(row['family'])} | {row['role']} "
-            f"| {_fmt(b['exact_normalized_entropy'])} -> {_fmt(a['exact_normalized_entropy'])} "
-            f"| {md_cell(b['exact_top_option'], 16)} {_fmt(b['exact_top_share'], '.0%')} -> "
-            f"{md_cell(a['exact_top_option'], 16)} {_fmt(a['exact_top_share'], '.0%')} "
-            f"| {_fmt(b['sampled_coverage_count'])} -> {_fmt(a['sampled_coverage_count'])} of {b['options']} "
-            f"| {_fmt(b['sampled_invalid_rate'], '.0%')} -> {_fmt(a['sampled_invalid_rate'], '.0%')} "
-            f"| {_fmt(ratio)} |"
+            f"| {fmt(b['exact_normalized_entropy'])} -> {fmt(a['exact_normalized_entropy'])} "
+            f"| {md_cell(b['exact_top_option'], 16)} {fmt(b['exact_top_share'], '.0%')} -> "
+            f"{md_cell(a['exact_top_option'], 16)} {fmt(a['exact_top_share'], '.0%')} "
+            f"| {fmt(b['sampled_coverage_count'])} -> {fmt(a['sampled_coverage_count'])} of {b['options']} "
+            f"| {fmt(b['sampled_invalid_rate'], '.0%')} -> {fmt(a['sampled_invalid_rate'], '.0%')} "
+            f"| {fmt(ratio)} |"
         )
     out += ["", "![loss and entropy](tune.png)", ""]
     return "\n".join(out)
@@ -137,3 +138,21 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     entropy_ax.set(ylim=(0, 1.05), ylabel="normalised entropy (exact)", title="Normalised entropy before and after")
     entropy_ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
+
+
+def leave_one_out_markdown(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Leave one family out",
+        "",
+        "| held-out family | normalised entropy (exact) | coverage (sampled) | invalid (sampled) | run |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        b, a = run["before"], run["after"]
+        lines.append(
+            f"| {md_cell(run['held_out'])} "
+            f"| {fmt(b['exact_normalized_entropy'])} -> {fmt(a['exact_normalized_entropy'])} "
+            f"| {fmt(b['sampled_coverage_count'])} -> {fmt(a['sampled_coverage_count'])} of {b['options']} "
+            f"| {fmt(b['sampled_invalid_rate'], '.0%')} -> {fmt(a['sampled_invalid_rate'], '.0%')} | {run['run_dir']} |"
+        )
+    return "\n".join(lines) + "\n"
