@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,18 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
+from polyculture.engines.base import Engine
 from polyculture.methods import get_method
 from polyculture.spec import BuildSpec, load_spec
 from polyculture.stages.dedup import dedup
+from polyculture.stages.extract import extract_attributes
 from polyculture.stages.generate import generate
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import dataset_folder_name, publish_local
 from polyculture.stages.rebalance import rebalance
+from polyculture.stages.reference import Reference, load_reference, locate_reference, write_reference
 from polyculture.stages.report import write_report
+from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
 from polyculture.stages.validate import validate
 
 
@@ -49,8 +53,25 @@ class BuildResult:
         return asdict(self)
 
 
+def _round_row(round_no: int, cells: pl.DataFrame, new: pl.DataFrame, pool: _Pool) -> dict[str, Any]:
+    cells_frame = pool.balanced.cells
+    return {
+        "round": round_no,
+        "cells": cells.height,
+        "prompts": int(cells["n_prompts"].sum()) if cells.height else 0,
+        "completions": new.height,
+        "generated_tokens": int(new["completion_tokens"].sum()) if new.height else 0,
+        # Shard-level timing is repeated on each of a shard's rows: sum it once per shard.
+        "generation_seconds": round(float(new.unique("shard")["batch_seconds"].sum()), 2) if new.height else 0.0,
+        "unique_valid": pool.deduped.kept.height,
+        "final": pool.balanced.kept.height,
+        "short_cells": cells_frame.filter(pl.col("deficit") > 0).height if cells_frame.height else 0,
+        "missing": int(cells_frame["deficit"].sum()) if cells_frame.height else 0,
+    }
+
+
 def new_run_id(spec: BuildSpec) -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{spec.fingerprint()[:8]}"
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{spec.fingerprint()[:8]}"
 
 
 @task(name="plan", cache_policy=NONE)
@@ -59,80 +80,160 @@ def plan_task(spec: BuildSpec) -> pl.DataFrame:
 
 
 @task(name="generate", cache_policy=NONE)
-def generate_task(spec: BuildSpec, cells: pl.DataFrame, shard_dir: Path) -> tuple[pl.DataFrame, float]:
-    method = get_method(spec.method)
+def generate_task(spec: BuildSpec, cells: pl.DataFrame, engine: Engine, shard_dir: Path, label: str) -> pl.DataFrame:
     total = int(cells["n_prompts"].sum())
-    engine, load_seconds = load_engine(spec)
-    try:
-        progress.report("generate", 0, total, "prompts")
-        completions = generate(
-            spec, cells, engine, method, shard_dir, on_batch=lambda done, n: progress.report("generate", done, n, "prompts")
-        )
-    finally:
-        engine.close()
-    return completions, load_seconds
+    progress.report(label, 0, total, "prompts")
+    return generate(
+        spec, cells, engine, get_method(spec.method), shard_dir,
+        on_batch=lambda done, n: progress.report(label, done, n, "prompts"),
+    )  # fmt: skip
 
 
 @task(name="validate", cache_policy=NONE)
 def validate_task(spec: BuildSpec, completions: pl.DataFrame) -> Any:
-    method = get_method(spec.method)
-    return validate(spec, completions, method)
+    return validate(spec, completions, get_method(spec.method))
 
 
 @task(name="dedup", cache_policy=NONE)
-def dedup_task(spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray) -> Any:
-    return dedup(records, embeddings, spec.dedup.threshold)
+def dedup_task(spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, references: list[Reference]) -> Any:
+    return dedup(
+        records, embeddings, spec.dedup.threshold, keep=spec.dedup.keep, index=spec.dedup.index,
+        device=spec.dedup.device, references=references,
+    )  # fmt: skip
+
+
+@task(name="extract", cache_policy=NONE)
+def extract_task(
+    spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, engine: Engine | None, known: dict[str, Any]
+) -> Any:
+    return extract_attributes(spec, records, embeddings, engine=engine, known=known)
 
 
 @task(name="rebalance", cache_policy=NONE)
 def rebalance_task(spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray) -> Any:
-    return rebalance(records, embeddings, spec.attributes, spec.target_size)
+    rb = spec.rebalance
+    return rebalance(
+        records, embeddings, spec.attributes, spec.target_size, targets=rb.targets, table=rb.table,
+        surplus=rb.surplus, mmr_lambda=rb.mmr_lambda,
+    )  # fmt: skip
+
+
+@dataclass
+class _Pool:
+    """Everything generated so far and what it became after one pass of validate -> dedup -> extract -> rebalance."""
+
+    completions: pl.DataFrame
+    validated: Any = None
+    embeddings: np.ndarray | None = None
+    deduped: Any = None
+    extracted: Any = None
+    balanced: Any = None
+
+
+def _process(spec: BuildSpec, pool: _Pool, engine: Engine | None, references: list[Reference], known: dict) -> _Pool:
+    pool.validated = validate_task(spec, pool.completions)
+    records = pool.validated.records
+    progress.report("validate", 1, 1, f"{records.height} valid, {pool.validated.rejects.height} rejected")
+    pool.embeddings = embed_task(spec, records["text"].to_list())
+    pool.deduped = dedup_task(spec, records, pool.embeddings, references)
+    progress.report("dedup", 1, 1, f"{pool.deduped.kept.height} unique of {records.height}")
+    pool.extracted = extract_task(spec, pool.deduped.kept, pool.deduped.kept_embeddings, engine, known)
+    pool.balanced = rebalance_task(spec, pool.extracted.records, pool.extracted.embeddings)
+    short = int(pool.balanced.cells["deficit"].sum()) if pool.balanced.cells.height else 0
+    progress.report("rebalance", 1, 1, f"{pool.balanced.kept.height} of target {spec.target_size}, {short} short")
+    return pool
+
+
+def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: _Pool) -> RoundStats:
+    cells = pool.balanced.cells
+    return RoundStats(
+        prompts_by_cell=prompts_by_cell(spec, plans, cells),
+        records_by_cell={row["cell_key"]: int(row["available"]) for row in cells.iter_rows(named=True)},
+        prompts=sum(int(p["n_prompts"].sum()) for p in plans),
+        generated_tokens=int(pool.completions["completion_tokens"].sum()) if pool.completions.height else 0,
+    )
 
 
 @flow(name="build_dataset", log_prints=False)
 def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | None = None) -> dict[str, Any]:
-    """Build the dataset a spec describes; returns where the dataset and report are (a BuildResult as a dict)."""
+    """Build the dataset a spec describes; returns where the dataset and report are (a BuildResult as a dict).
+
+    After the first round, cells still short of their quota get top-up rounds (bounded by rebalance.top_up_rounds
+    and rebalance.top_up_max_tokens); each round's shards live in generate/topup-NN/, so a re-run resumes.
+    """
     wall_started = time.perf_counter()
     spec = load_spec(spec_path)
     run_id = run_id or new_run_id(spec)
     run_dir = Path(output_root or spec.publish.dir) / spec.name / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec_path, run_dir / "spec.yaml")
+    references = [
+        load_reference(locate_reference(folder, spec.base_dir), embedding_model=spec.dedup.embedding_model)
+        for folder in spec.dedup.reference
+    ]
 
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
-    completions, load_seconds = generate_task(spec, cells, run_dir / "generate")
+    engine, load_seconds = load_engine(spec)
+    known: dict[str, Any] = {}  # extracted labels by record id, so later rounds do not ask again
+    plans = [cells]
+    rounds: list[dict[str, Any]] = []
+    try:
+        pool = _Pool(completions=generate_task(spec, cells, engine, run_dir / "generate", "generate"))
+        pool = _process(spec, pool, engine, references, known)
+        rounds.append(_round_row(0, cells, pool.completions, pool))
+        stop_reason = "every cell is full"
+        for round_no in range(1, spec.rebalance.top_up_rounds + 1):
+            shortfalls = pool.balanced.shortfalls()
+            if not shortfalls:
+                break
+            spent = sum(r["generated_tokens"] for r in rounds[1:])
+            budget = spec.rebalance.top_up_max_tokens
+            top_up = top_up_cells(
+                spec, shortfalls, _round_stats(spec, plans, pool),
+                first_cell_id=int(max(int(p["cell_id"].max() or 0) for p in plans)) + 1,
+                token_budget_left=None if budget is None else budget - spent,
+            )  # fmt: skip
+            if top_up.height == 0:
+                stop_reason = f"stopped: the top-up token budget is spent ({spent:,} of {budget:,} tokens)"
+                break
+            top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
+            plans.append(top_up)
+            label = f"top-up {round_no}/{spec.rebalance.top_up_rounds}"
+            new = generate_task(spec, top_up, engine, run_dir / "generate" / f"topup-{round_no:02d}", label)
+            pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
+            rounds.append(_round_row(round_no, top_up, new, pool))
+        else:
+            if pool.balanced.shortfalls():
+                stop_reason = f"stopped: all {spec.rebalance.top_up_rounds} top-up rounds used"
+        if pool.balanced.shortfalls() and spec.rebalance.top_up_rounds == 0:
+            stop_reason = "stopped: top-up rounds are off (rebalance.top_up_rounds: 0)"
+    finally:
+        engine.close()
 
-    validated = validate_task(spec, completions)
+    completions, validated, deduped, balanced = pool.completions, pool.validated, pool.deduped, pool.balanced
     records = validated.records
-    records.write_parquet(run_dir / "validated.parquet")
-    progress.report("validate", 1, 1, f"{records.height} valid, {validated.rejects.height} rejected")
-
-    embeddings = embed_task(spec, records["text"].to_list())
-    deduped = dedup_task(spec, records, embeddings)
+    cells_out = explain_shortfalls(balanced.cells, prompts_by_cell(spec, plans, balanced.cells), len(rounds), stop_reason)
+    cells_out.write_parquet(run_dir / "cells.parquet")
+    balanced.marginals.write_parquet(run_dir / "marginals.parquet")
     deduped.clusters.write_parquet(run_dir / "dedup_clusters.parquet")
-    progress.report("dedup", 1, 1, f"{deduped.kept.height} unique of {records.height}")
-
-    balanced = rebalance_task(spec, deduped.kept, deduped.kept_embeddings)
-    balanced.cells.write_parquet(run_dir / "cells.parquet")
-    progress.report("rebalance", 1, 1, f"{balanced.kept.height} of target {spec.target_size}")
-
-    rejects = pl.concat([validated.rejects, deduped.rejects, balanced.rejects], how="vertical")
+    records.write_parquet(run_dir / "validated.parquet")
+    rejects = pl.concat([validated.rejects, deduped.rejects, pool.extracted.rejects, balanced.rejects], how="vertical")
     rejects.write_parquet(run_dir / "rejects.parquet")
-    exact_dups = deduped.rejects.filter(pl.col("reason") == "exact_duplicate").height
+    exact_dups = deduped.rejects.filter(pl.col("reason").is_in(["exact_duplicate", "exact_in_reference"])).height
     counts = {
         "target": spec.target_size,
-        "prompts": int(cells["n_prompts"].sum()),
+        "prompts": sum(int(p["n_prompts"].sum()) for p in plans),
         "completions": completions.height,
         "candidates": records.height + validated.rejects.filter(pl.col("record_id").is_not_null()).height,
         "valid": records.height,
         "after_exact_dedup": records.height - exact_dups,
         "after_semantic_dedup": deduped.kept.height,
+        "after_extract": pool.extracted.records.height,
         "final": balanced.kept.height,
+        "top_up_rounds": len(rounds) - 1,
     }
-    generation_seconds = (
-        float(completions.unique("shard")["batch_seconds"].sum()) if completions.height else 0.0
-    )
+    generation_seconds = sum(r["generation_seconds"] for r in rounds)
     generated_tokens = int(completions["completion_tokens"].sum()) if completions.height else 0
     usage = {
         "prompt_tokens": int(completions["prompt_tokens"].sum()) if completions.height else 0,
@@ -147,11 +248,16 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
         run_id=run_id,
         counts=counts,
         validated=records,
-        validated_embeddings=embeddings,
+        validated_embeddings=pool.embeddings,
+        pool=pool.extracted.records,
+        pool_embeddings=pool.extracted.embeddings,
+        marginals=balanced.marginals,
+        rounds=rounds,
+        stop_reason=stop_reason,
         final=balanced.kept,
         final_embeddings=balanced.kept_embeddings,
         rejects=rejects,
-        cells=balanced.cells,
+        cells=cells_out,
         usage=usage | {"wall_seconds": round(time.perf_counter() - wall_started, 2)},
         out_dir=run_dir,
     )
@@ -159,6 +265,10 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
     dataset_dir = publish_task(spec, balanced.kept, report, run_dir, run_dir / dataset_folder_name(spec.name, run_id))
     progress.report("publish", 1, 1, str(dataset_dir))
+    write_reference(
+        run_dir / "reference", balanced.kept["record_id"].to_list(), balanced.kept["text"].to_list(),
+        balanced.kept_embeddings, embedding_model=spec.dedup.embedding_model, source=f"{spec.name}/{run_id}",
+    )  # fmt: skip
     usage["wall_seconds"] = round(time.perf_counter() - wall_started, 2)
     result = BuildResult(
         run_id=run_id,

@@ -90,6 +90,7 @@ def test_clusters_frame(embedder):
         "cluster_id": pl.Int64,
         "representative_id": pl.String,
         "similarity": pl.Float64,
+        "reference": pl.String,
     }
     assert clusters["record_id"].to_list() == ["r0", "r1", "r2", "r3"]
     assert clusters["cluster_id"].to_list() == [0, 0, 1, 0]
@@ -145,3 +146,82 @@ def test_empty_frame():
     assert result.rejects.height == 0
     assert result.clusters.height == 0
     assert result.rejects.columns == ["record_id", "call_id", "stage", "reason", "detail"]
+
+
+def _planted(n_groups: int = 40, copies: int = 3, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Groups of near-identical unit vectors (cos > 0.97 inside a group, ~0 across groups), rows grouped in order."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_groups, dim))
+    rows = [b + rng.normal(scale=0.03, size=dim) for b in base for _ in range(copies)]
+    emb = np.asarray(rows, dtype=np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def test_keep_probability_keeps_the_most_likely_member(embedder):
+    texts = ["How do I reset my password?", "How can I reset my password?", "Photosynthesis needs sunlight."]
+    frame = records(texts).with_columns(verbalized_probability=pl.Series([0.1, 0.7, None], dtype=pl.Float64))
+    emb = embedder.encode(texts)
+    assert dedup(frame, emb, 0.9).kept["record_id"].to_list() == ["r0", "r2"]  # first wins by default
+    result = dedup(frame, emb, 0.9, keep="probability")
+    assert result.kept["record_id"].to_list() == ["r1", "r2"]
+    assert result.clusters.filter(pl.col("record_id") == "r0")["representative_id"].to_list() == ["r1"]
+    # exact duplicates follow the same order: the likelier copy represents the other
+    same = records(["Same text.", "same text"]).with_columns(verbalized_probability=pl.Series([0.2, 0.9]))
+    assert dedup(same, embedder.encode(["Same text.", "same text"]), 0.9, keep="probability").kept[
+        "record_id"
+    ].to_list() == ["r1"]
+
+
+def test_keep_central_keeps_the_member_most_like_the_rest():
+    # b sits between a and c: cos(a,b) = cos(b,c) = 0.95, cos(a,c) = 0.805. first keeps a and c; central keeps b
+    # alone, since it represents both.
+    angles = np.radians([0.0, 18.19, 36.38])
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    assert dedup(records(["a", "b", "c"]), emb, 0.9).kept["record_id"].to_list() == ["r0", "r2"]
+    result = dedup(records(["a", "b", "c"]), emb, 0.9, keep="central")
+    assert result.kept["record_id"].to_list() == ["r1"]
+    assert set(result.clusters["representative_id"]) == {"r1"}
+
+
+def test_unknown_keep_policy_refused():
+    with pytest.raises(ValueError, match="keep must be one of"):
+        dedup(records(["a"]), np.ones((1, 2), dtype=np.float32), 0.9, keep="random")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_every_index_kind_finds_the_planted_groups(kind):
+    emb = _planted(n_groups=60, copies=3, dim=32)
+    frame = records([f"text {i}" for i in range(emb.shape[0])])
+    result = dedup(frame, emb, 0.9, index=kind, device="cpu")
+    # one survivor per group, the first of each
+    assert result.kept["record_id"].to_list() == [f"r{3 * g}" for g in range(60)]
+    assert result.clusters["cluster_id"].to_list() == [g for g in range(60) for _ in range(3)]
+
+
+def test_dedup_against_a_reference(embedder, tmp_path):
+    from polyculture.stages.reference import ReferenceError, load_reference, locate_reference, write_reference
+
+    released = ["How do I reset my password?", "The cat sat on the mat."]
+    folder = write_reference(
+        tmp_path / "run" / "reference", ["old0", "old1"], released, embedder.encode(released),
+        embedding_model="minilm-l6", source="bios/v1",
+    )  # fmt: skip
+    assert locate_reference(tmp_path / "run") == folder  # a run folder points at its reference/
+    with pytest.raises(ReferenceError, match="not a reference index"):
+        locate_reference(tmp_path / "nowhere")
+    with pytest.raises(ReferenceError, match="embedded with 'minilm-l6'"):
+        load_reference(folder, embedding_model="other-model")
+    reference = load_reference(folder, embedding_model="minilm-l6")
+
+    texts = ["the cat sat on the mat", "How can I reset my password?", "Photosynthesis needs sunlight.", "New text."]
+    result = dedup(records(texts), embedder.encode(texts), 0.9, references=[reference])
+    assert result.kept["record_id"].to_list() == ["r2", "r3"]
+    rejects = {r["record_id"]: r for r in result.rejects.iter_rows(named=True)}
+    assert rejects["r0"]["reason"] == "exact_in_reference"
+    assert rejects["r0"]["detail"] == "already in reference 'bios/v1' as old1 (same normalised text)"
+    assert rejects["r1"]["reason"] == "near_reference"
+    assert rejects["r1"]["detail"].startswith("near old0 in reference 'bios/v1' (cosine 0.9")
+    clusters = result.clusters.filter(pl.col("reference").is_not_null())
+    assert clusters["record_id"].to_list() == ["r0", "r1"]
+    assert clusters["representative_id"].to_list() == ["old1", "old0"]
+    assert clusters["cluster_id"].to_list() == [None, None]

@@ -117,7 +117,9 @@ def test_two_attributes_jointly(embedder):
     result = rebalance(frame, emb, [OCCUPATION, continent], target_size=16)
 
     cells = result.cells
-    assert cells.columns == ["cell_key", "occupation", "continent", "target", "available", "kept", "deficit", "reason"]
+    assert cells.columns == [
+        "cell_key", "occupation", "continent", "target", "available", "kept", "deficit", "wanted", "reason"
+    ]
     assert cells["cell_key"].to_list() == [
         "occupation=doctor|continent=Asia",
         "occupation=doctor|continent=Europe",
@@ -158,3 +160,87 @@ def test_empty_frame():
     assert result.kept.height == 0
     assert result.kept_embeddings.shape == (0, 384)
     assert result.cells["deficit"].to_list() == [2, 2]
+
+
+def _two_attribute_frame(counts: dict[tuple[str, str], int]) -> pl.DataFrame:
+    rows = []
+    for (occ, cont), k in counts.items():
+        rows += [(f"{occ} {cont} story number {i} about {occ}s in {cont}", 0.1, occ, cont) for i in range(k)]
+    return records(rows, ["occupation", "continent"])
+
+
+def _spread_vectors(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, 24)).astype(np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+CONTINENT = Attribute(name="continent", values=["Asia", "Europe"], weights=[1, 1])
+
+
+def test_marginals_mode_trades_between_cells_to_hit_every_marginal():
+    # joint plan for 8: every cell 2. doctor/Europe has only 1 record: joint mode is short there; marginals mode
+    # moves the missing one to doctor/Asia and teacher/Europe so doctor=4, teacher=4, Asia=4, Europe=4 all hold.
+    frame = _two_attribute_frame({("doctor", "Asia"): 5, ("doctor", "Europe"): 1, ("teacher", "Asia"): 5,
+                                  ("teacher", "Europe"): 5})  # fmt: skip
+    emb = _spread_vectors(frame.height)
+    joint = rebalance(frame, emb, [OCCUPATION, CONTINENT], 8)
+    assert joint.kept.height == 7
+    assert joint.shortfalls() == [({"occupation": "doctor", "continent": "Europe"}, 1)]
+    result = rebalance(frame, emb, [OCCUPATION, CONTINENT], 8, targets="marginals")
+    assert result.kept.height == 8
+    counts = result.kept.group_by(["occupation", "continent"]).len()
+    table = {(r["occupation"], r["continent"]): r["len"] for r in counts.to_dicts()}
+    assert table == {("doctor", "Asia"): 3, ("doctor", "Europe"): 1, ("teacher", "Asia"): 1, ("teacher", "Europe"): 3}
+    assert result.marginals["deficit"].to_list() == [0, 0, 0, 0]
+    assert result.marginals["kept"].to_list() == [4, 4, 4, 4]
+    assert result.shortfalls() == []
+
+
+def test_marginals_mode_reports_a_value_that_cannot_be_filled():
+    frame = _two_attribute_frame({("doctor", "Asia"): 5, ("teacher", "Asia"): 5, ("teacher", "Europe"): 1})
+    result = rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 8, targets="marginals")
+    marginals = {(r["attribute"], r["value"]): r for r in result.marginals.to_dicts()}
+    assert marginals[("continent", "Europe")]["kept"] == 1 and marginals[("continent", "Europe")]["deficit"] == 3
+    assert result.kept.height == 5  # Europe 1 + Asia 4; no marginal is ever exceeded
+    wanted = dict((tuple(c.values()), k) for c, k in result.shortfalls())
+    assert wanted == {("doctor", "Europe"): 2, ("teacher", "Europe"): 1}
+    reasons = result.cells.filter(pl.col("wanted") > 0)["reason"].to_list()
+    assert all("continent=Europe has 1 of 4 (only 1 available)" in r for r in reasons)
+
+
+def test_table_targets_and_cells_outside_the_table():
+    from polyculture.spec import CellWeight
+
+    table = [
+        CellWeight(cell={"occupation": "doctor", "continent": "Asia"}, weight=3),
+        CellWeight(cell={"occupation": "teacher", "continent": "Europe"}, weight=1),
+    ]
+    frame = _two_attribute_frame({("doctor", "Asia"): 5, ("teacher", "Europe"): 5, ("teacher", "Asia"): 2})
+    result = rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 6, targets="table", table=table)
+    assert result.cells["target"].to_list() == [5, 1]  # 6 * 3/4 = 4.5 -> 5 (ties to the earlier cell), 6 * 1/4 -> 1
+    assert result.cells["kept"].to_list() == [5, 1]
+    outside = result.rejects.filter(pl.col("detail").str.contains("not in the target table"))
+    assert outside.height == 2
+    with pytest.raises(ValueError, match="needs a non-empty table"):
+        rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 6, targets="table")
+
+
+def test_mmr_prefers_typical_records_and_avoids_repeats(embedder):
+    texts = [
+        "A doctor treats patients in a hospital.",
+        "A doctor treats patients at a hospital.",  # near copy of r0
+        "A doctor examines children at a rural clinic.",
+        "A doctor writes prescriptions for patients with flu.",
+        "Bananas and pineapples grow in tropical climates.",  # off-topic outlier
+    ]
+    emb = embedder.encode(texts)
+    frame = records([(t, None, "doctor") for t in texts], ["occupation"])
+    doctor_only = Attribute(name="occupation", values=["doctor"])
+    fp = rebalance(frame, emb, [doctor_only], 3)
+    mmr = rebalance(frame, emb, [doctor_only], 3, surplus="mmr", mmr_lambda=0.7)
+    assert "r4" in fp.kept["record_id"].to_list()  # farthest-point reaches for the outlier
+    kept = mmr.kept["record_id"].to_list()
+    assert "r4" not in kept  # MMR keeps typical records ...
+    assert not {"r0", "r1"} <= set(kept)  # ... but not both near copies
+    assert "MMR" in mmr.rejects["detail"][0]

@@ -160,6 +160,39 @@ def build(
     )
 
 
+@app.command()
+def index(
+    source: Annotated[Path, typer.Argument(help="A parquet/JSONL/CSV file, or a folder of parquet files (a dataset).")],
+    output: Annotated[Path, typer.Argument(help="The reference folder to write (replaced whole if it exists).")],
+    text_field: Annotated[str, typer.Option(help="Column holding the text to index.")] = "text",
+    id_field: Annotated[str | None, typer.Option(help="Column holding a record id (default: file:row).")] = None,
+    embedding_model: Annotated[
+        str, typer.Option(help="Embedding model; must match the builds' dedup.embedding_model.")
+    ] = "minilm-l6",
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Index a reference dataset (or an earlier release) so builds can dedup against it (dedup.reference)."""
+    from polyculture.stages.embed import load_embedder
+    from polyculture.stages.reference import ReferenceError, read_texts, write_reference
+
+    try:
+        ids, texts = read_texts(source, text_field, id_field)
+    except ReferenceError as exc:
+        _fail(str(exc))
+    if not texts:
+        _fail(f"'{source}' has no non-empty '{text_field}' values to index")
+    embedder = load_embedder(embedding_model)
+    vectors = embedder.encode(texts, show_progress=not quiet)
+    folder = write_reference(output, ids, texts, vectors, embedding_model=embedding_model, source=str(source))
+    result = {"reference": str(folder), "records": len(ids), "embedding_model": embedding_model}
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    _stdout().print(f"indexed {len(ids)} records from {source} into {folder} ({embedding_model})")
+    _stdout().print(f"use it in a spec: dedup: {{reference: [{folder}]}}")
+
+
 @app.command("compare-methods")
 def compare_methods_command(
     spec_path: SpecArg,

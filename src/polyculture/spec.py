@@ -48,6 +48,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ExtractorSpec(_Strict):
+    """How an attribute that is not a record field is read from the record (source: extract)."""
+
+    method: Literal["embedding", "engine"] = Field(
+        default="embedding",
+        description="embedding: the label whose embedding is nearest the text's (fast, no model call); engine: ask the "
+        "build's chat model, its output constrained to the allowed labels (slower, reads meaning better on big models).",
+    )
+    from_field: str | None = Field(
+        default=None, description="Record field read (default: record.text_field, else the whole record)."
+    )
+    label_template: str = Field(
+        default="{label}",
+        description="embedding: how each label is phrased before it is embedded, e.g. 'a biography of a {label}'.",
+    )
+    instruction: str | None = Field(
+        default=None, description="engine: the system message; {attribute} and {labels} are filled in (default: generic)."
+    )
+    min_score: float | None = Field(
+        default=None, ge=-1, le=1, description="embedding: a text whose nearest label is below this cosine is a reject."
+    )
+
+    @field_validator("label_template")
+    @classmethod
+    def _has_label(cls, template: str) -> str:
+        if "{label}" not in template:
+            raise ValueError("label_template must contain '{label}'")
+        return template
+
+
 class Attribute(_Strict):
     """A categorical attribute with a target distribution over its values."""
 
@@ -56,12 +86,16 @@ class Attribute(_Strict):
     weights: list[float] | None = Field(
         default=None, description="Target weights, one per value (normalised; uniform when omitted). Must be >= 0."
     )
-    source: Literal["prompt", "field"] = Field(
+    source: Literal["prompt", "field", "extract"] = Field(
         default="prompt",
         description="prompt: the pipeline picks the value per cell, renders it into the prompt and sets the record "
-        "field itself; field: the value is read from the record field and counted.",
+        "field itself; field: the value is read from the record field and counted; extract: the value is read from "
+        "the record's text by an extractor (see extractor) and published as a column of its own.",
     )
     field: str | None = Field(default=None, description="Record field holding the attribute (default: the name).")
+    extractor: ExtractorSpec | None = Field(
+        default=None, description="source extract: how the value is read (default: nearest label embedding)."
+    )
 
     @field_validator("values")
     @classmethod
@@ -84,6 +118,17 @@ class Attribute(_Strict):
             raise ValueError(f"weights must be finite and >= 0; got {bad}")
         if sum(self.weights) <= 0:
             raise ValueError("weights must not all be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _extractor_only_for_extract(self) -> Attribute:
+        if self.source == "extract":
+            if self.field is not None:
+                raise ValueError("field does not apply to source 'extract' (use extractor.from_field for the text read)")
+            if self.extractor is None:
+                object.__setattr__(self, "extractor", ExtractorSpec())
+        elif self.extractor is not None:
+            raise ValueError(f"extractor applies to source 'extract' only, not '{self.source}'")
         return self
 
     @property
@@ -236,6 +281,79 @@ class GenerationSpec(_Strict):
 class DedupSpec(_Strict):
     threshold: float = Field(default=0.92, gt=0, le=1, description="Cosine similarity at or above which two are dups.")
     embedding_model: str = Field(default="minilm-l6", description="Embedded name or local sentence-transformers folder.")
+    keep: Literal["first", "probability", "central"] = Field(
+        default="first",
+        description="Which member of a duplicate cluster is kept: the first generated, the one with the highest "
+        "verbalized probability, or the most central (highest summed similarity to its near duplicates).",
+    )
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        default="auto",
+        description="FAISS index: flat (exact) for small sets, ivf (approximate, chunked) for large ones; auto picks "
+        "by size. hnsw is approximate too.",
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="Where FAISS searches: auto uses a GPU when a faiss GPU build is installed."
+    )
+    reference: list[str] = Field(
+        default_factory=list,
+        description="Reference indexes to dedup against (earlier releases, a reference dataset): run folders of "
+        "earlier builds (their reference/ folder) or folders written by `polyculture index`; relative to the spec.",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _references_exist(cls, folders: list[str], info: ValidationInfo) -> list[str]:
+        from polyculture.stages.reference import ReferenceError, locate_reference
+
+        for folder in folders:
+            try:
+                locate_reference(folder, _base_dir(info))
+            except ReferenceError as exc:
+                raise ValueError(str(exc)) from None
+        return folders
+
+
+class CellWeight(_Strict):
+    cell: dict[str, str] = Field(description="One value per attribute, e.g. {occupation: doctor, continent: Asia}.")
+    weight: float = Field(ge=0, description="Relative weight of this joint cell (normalised over the table).")
+
+
+class RebalanceSpec(_Strict):
+    targets: Literal["joint", "marginals", "table"] = Field(
+        default="joint",
+        description="joint: every joint cell gets its exact quota (product of the attributes' weights, rounded so "
+        "every marginal is exact too); marginals: only each attribute's own counts must be exact, cells may trade; "
+        "table: exact quotas from an explicit joint table (`table`).",
+    )
+    table: list[CellWeight] | None = Field(default=None, description="targets table: the joint cells and weights.")
+    surplus: Literal["farthest_point", "mmr"] = Field(
+        default="farthest_point",
+        description="How a surplus cell is cut down: greedy farthest-point on embeddings, or MMR (typical but "
+        "diverse: relevance is the cosine to the cell's centroid).",
+    )
+    mmr_lambda: float = Field(default=0.5, ge=0, le=1, description="mmr: weight of relevance against redundancy.")
+    top_up_rounds: int = Field(
+        default=3, ge=0, le=20, description="Extra generation rounds for cells short of their quota (0: none)."
+    )
+    top_up_max_tokens: int | None = Field(
+        default=None, ge=1, description="Generated-token budget over all top-up rounds (none: bounded by rounds only)."
+    )
+    top_up_oversample: float = Field(
+        default=1.5, ge=1, le=20, description="Top-up candidates asked for per missing record, over the observed yield."
+    )
+    hint: str = Field(
+        default="Its {{ name }} must be: {{ value }}.",
+        description="Top-up rounds for a cell of field or extract attributes append this line per attribute to the "
+        "prompt (Jinja2 with name and value); the value is still read from the record, never trusted.",
+    )
+
+    @model_validator(mode="after")
+    def _table(self) -> RebalanceSpec:
+        if self.targets == "table" and not self.table:
+            raise ValueError("targets 'table' needs table: a list of {cell: {attribute: value, ...}, weight: w}")
+        if self.targets != "table" and self.table is not None:
+            raise ValueError(f"table applies to targets 'table', not '{self.targets}'")
+        return self
 
 
 class PublishSpec(_Strict):
@@ -265,6 +383,7 @@ class BuildSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     generation: GenerationSpec = GenerationSpec()
     dedup: DedupSpec = DedupSpec()
+    rebalance: RebalanceSpec = RebalanceSpec()
     seed: int = Field(default=0, ge=0)
     publish: PublishSpec = PublishSpec()
 
@@ -314,6 +433,19 @@ class BuildSpec(_Strict):
             raise ValueError("record.schema: the record schema must be an object schema with 'properties'")
         props = schema["properties"]
         for attr in self.attributes:
+            if attr.source == "extract":
+                read = attr.extractor.from_field if attr.extractor else None
+                if read is not None and read not in props:
+                    raise ValueError(
+                        f"attributes.{attr.name}.extractor.from_field: '{read}' is not in the record schema's "
+                        f"properties {sorted(props)}"
+                    )
+                if attr.name in props:
+                    raise ValueError(
+                        f"attributes.{attr.name}: source 'extract' is for attributes that are not record fields, "
+                        f"but the record schema has a field '{attr.name}' (use source: field)"
+                    )
+                continue
             if attr.record_field not in props:
                 raise ValueError(
                     f"attributes.{attr.name}: record field '{attr.record_field}' is not in the record schema's "
@@ -327,9 +459,29 @@ class BuildSpec(_Strict):
                 f"prompt.template: uses undefined variables {sorted(undeclared)}; allowed: attribute names "
                 f"{names} and {sorted(TEMPLATE_BUILTINS)}"
             )
+        self._check_table()
         self._base_dir = base
         self._record_schema = schema
         return self
+
+    def _check_table(self) -> None:
+        table = self.rebalance.table or []
+        names = [a.name for a in self.attributes]
+        allowed = {a.name: a.values for a in self.attributes}
+        seen: set[tuple[str, ...]] = set()
+        for i, row in enumerate(table):
+            where = f"rebalance.table.{i}.cell"
+            if sorted(row.cell) != sorted(names):
+                raise ValueError(f"{where}: needs exactly one value for each attribute {names}; got {sorted(row.cell)}")
+            for name, value in row.cell.items():
+                if value not in allowed[name]:
+                    raise ValueError(f"{where}.{name}: {value!r} is not one of {allowed[name]}")
+            key = tuple(row.cell[n] for n in names)
+            if key in seen:
+                raise ValueError(f"{where}: the cell {row.cell} is listed twice")
+            seen.add(key)
+        if table and sum(row.weight for row in table) <= 0:
+            raise ValueError("rebalance.table: weights must not all be 0")
 
     @property
     def base_dir(self) -> Path:
@@ -346,6 +498,10 @@ class BuildSpec(_Strict):
     @property
     def field_attributes(self) -> list[Attribute]:
         return [a for a in self.attributes if a.source == "field"]
+
+    @property
+    def extract_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "extract"]
 
     def fingerprint(self) -> str:
         """Stable hash of everything that decides the output (spec and record schema)."""

@@ -1,8 +1,10 @@
-"""dedup: exact duplicates (hash of the normalised text), then semantic near-duplicates (FAISS, cosine >= threshold).
+"""dedup: exact duplicates (hash of the normalised text), then semantic near-duplicates (FAISS, cosine >= threshold),
+within the new records and against stored references (earlier releases, a reference dataset).
 
-The earliest record in frame order wins. Near-duplicates are removed greedily in order: a record is dropped only
-when it is close to an earlier record that was KEPT, so a chain a~b~c with a and c far apart keeps a and c (a
-transitive clustering would merge distinct texts through their neighbours).
+Records are decided greedily in priority order (`keep`): first generated, highest verbalized probability, or most
+central (highest summed similarity to its near duplicates). A record is dropped only when it is close to a record
+that was KEPT, so a chain a~b~c with a and c far apart keeps a and c (a transitive clustering would merge distinct
+texts through their neighbours). The FAISS index is chosen by size (stages/similarity_index.py).
 """
 
 from __future__ import annotations
@@ -10,17 +12,28 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-import faiss
 import numpy as np
 import polars as pl
 
+from polyculture.stages.reference import Reference
 from polyculture.stages.rejects import REJECTS_SCHEMA
+from polyculture.stages.similarity_index import SimilarityIndex, choose_index
 
 STAGE = "dedup"
-CLUSTERS_SCHEMA = {"record_id": pl.String, "cluster_id": pl.Int64, "representative_id": pl.String, "similarity": pl.Float64}
-# Queries per FAISS range_search call: some indexes abort on large range searches (see STACK.md), and chunking
+CLUSTERS_SCHEMA = {
+    "record_id": pl.String,
+    "cluster_id": pl.Int64,  # null when the representative is a reference record
+    "representative_id": pl.String,
+    "similarity": pl.Float64,
+    "reference": pl.String,  # the reference's source when the record duplicates one, else null
+}
+KeepPolicy = Literal["first", "probability", "central"]
+KEEP_POLICIES = ("first", "probability", "central")
+# Queries per FAISS search call: some indexes abort on large range searches (see STACK.md), and chunking
 # also bounds the memory of one result set.
 QUERY_CHUNK = 1024
 # float32 rounding: two identical unit vectors can score 0.99999994, which must still count at threshold 1.0.
@@ -57,8 +70,18 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
 
 
-def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> DedupResult:
-    """Drop exact then near duplicates; `clusters` maps every input record to the kept record that represents it."""
+def dedup(
+    records: pl.DataFrame,
+    embeddings: np.ndarray,
+    threshold: float,
+    *,
+    keep: KeepPolicy = "first",
+    index: str = "auto",
+    device: str = "auto",
+    references: Sequence[Reference] = (),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> DedupResult:
+    """Drop exact then near duplicates; `clusters` maps every input record to the record that represents it."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array (one row per record); got shape {embeddings.shape}")
@@ -68,6 +91,8 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
         )
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
+    if keep not in KEEP_POLICIES:
+        raise ValueError(f"keep must be one of {list(KEEP_POLICIES)}; got {keep!r}")
     for column in ("record_id", "call_id", "text"):
         if column not in records.columns:
             raise ValueError(f"records frame has no '{column}' column (columns: {records.columns})")
@@ -75,25 +100,52 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
     vectors = _normalised(embeddings)
     record_ids = records["record_id"].cast(pl.String).to_list()
     call_ids = records["call_id"].cast(pl.String).to_list()
-    texts = records["text"].to_list()
+    hashes = [text_hash(t or "") for t in records["text"].to_list()]
     n = records.height
+    rank = _rank(records, keep)  # rank[i]: position of record i in the keep order (lower wins)
 
-    # representative[i]: index of the kept record that i duplicates (itself when kept); reason/similarity for drops.
+    # representative[i]: index of the record that i duplicates (itself when kept); ref_hit[i]: (reference, row) when
+    # a reference record represents it instead.
     representative = np.arange(n)
     similarity = np.ones(n, dtype=np.float64)
     reason: list[str | None] = [None] * n
+    ref_hit: dict[int, tuple[Reference, int]] = {}
 
-    # 1. exact: the first record with a given normalised text represents the rest.
-    first_by_hash: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        first = first_by_hash.setdefault(text_hash(text or ""), i)
+    # 1. exact, against the references first (a record already released is never published again) ...
+    for i, h in enumerate(hashes):
+        for ref in references:
+            row = ref.hash_to_row.get(h)
+            if row is not None:
+                ref_hit[i] = (ref, row)
+                reason[i] = "exact_in_reference"
+                break
+    # ... then within the new records: the best-ranked record of a normalised text represents the rest.
+    best_by_hash: dict[str, int] = {}
+    for i in sorted((i for i in range(n) if reason[i] is None), key=lambda i: rank[i]):
+        first = best_by_hash.setdefault(hashes[i], i)
         if first != i:
             representative[i] = first
             reason[i] = "exact_duplicate"
-    survivors = np.flatnonzero(representative == np.arange(n))
 
-    # 2. semantic: greedy over the survivors in frame order.
-    near_rep, near_sim = _near_duplicates(vectors[survivors], threshold)
+    # 2. semantic, against the references ...
+    survivors = np.asarray([i for i in range(n) if reason[i] is None], dtype=np.int64)
+    for ref in references:
+        if not survivors.size or ref.size == 0:
+            continue
+        hits = ref.index.neighbors(vectors[survivors], threshold, chunk=QUERY_CHUNK)
+        for q, i in enumerate(survivors):
+            sims = hits.sims[hits.lims[q] : hits.lims[q + 1]]
+            if sims.size and sims.max() >= threshold - SIMILARITY_TOLERANCE:
+                best = int(np.argmax(sims))
+                ref_hit[int(i)] = (ref, int(hits.ids[hits.lims[q] + best]))
+                similarity[i] = float(min(sims[best], 1.0))
+                reason[int(i)] = "near_reference"
+        survivors = np.asarray([i for i in survivors if reason[i] is None], dtype=np.int64)
+
+    # ... then within the new records, greedily in keep order.
+    near_rep, near_sim = _near_duplicates(
+        vectors[survivors], rank[survivors], threshold, keep, index=index, device=device, on_progress=on_progress
+    )
     for local, (rep_local, sim) in enumerate(zip(near_rep, near_sim, strict=True)):
         if rep_local >= 0:
             i = survivors[local]
@@ -101,19 +153,31 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
             similarity[i] = sim
             reason[i] = "near_duplicate"
 
-    # An exact duplicate's representative survived step 1 but may have been dropped in step 2: point at the kept
-    # record that represents it instead, so every cluster is headed by a kept record (one hop: step 2 reps are kept).
+    # An exact duplicate's representative survived step 1 but may have been dropped in step 2: point at what
+    # represents it instead (one hop: step-2 representatives are kept, or are reference records).
     for i in range(n):
-        if reason[i] == "exact_duplicate" and reason[representative[i]] == "near_duplicate":
-            representative[i] = representative[representative[i]]
-    for i in range(n):
-        if reason[i] == "exact_duplicate":
+        if reason[i] != "exact_duplicate":
+            continue
+        rep = int(representative[i])
+        if reason[rep] == "near_duplicate":
+            representative[i] = representative[rep]
+        elif reason[rep] == "near_reference":
+            ref_hit[i] = ref_hit[rep]
+        if i in ref_hit:
+            similarity[i] = similarity[rep]
+        else:
             # The real cosine: normalised-equal texts can still differ (case, spacing) before normalisation.
             similarity[i] = float(np.clip(vectors[i] @ vectors[representative[i]], -1.0, 1.0))
 
     kept_mask = np.array([r is None for r in reason], dtype=bool)
     kept_idx = np.flatnonzero(kept_mask)
     cluster_of = {int(rep): cid for cid, rep in enumerate(kept_idx)}
+
+    def rep_id(i: int) -> str:
+        if i in ref_hit:
+            ref, row = ref_hit[i]
+            return ref.record_ids[row]
+        return record_ids[representative[i]]
 
     rejects = pl.DataFrame(
         [
@@ -122,7 +186,7 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
                 "call_id": call_ids[i],
                 "stage": STAGE,
                 "reason": reason[i],
-                "detail": _detail(reason[i], record_ids[representative[i]], similarity[i]),
+                "detail": _detail(reason[i], rep_id(i), similarity[i], ref_hit[i][0].source if i in ref_hit else None),
             }
             for i in range(n)
             if reason[i] is not None
@@ -132,9 +196,10 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
     clusters = pl.DataFrame(
         {
             "record_id": record_ids,
-            "cluster_id": [cluster_of[int(representative[i])] for i in range(n)],
-            "representative_id": [record_ids[representative[i]] for i in range(n)],
+            "cluster_id": [None if i in ref_hit else cluster_of[int(representative[i])] for i in range(n)],
+            "representative_id": [rep_id(i) for i in range(n)],
             "similarity": similarity.tolist(),
+            "reference": [ref_hit[i][0].source if i in ref_hit else None for i in range(n)],
         },
         schema=CLUSTERS_SCHEMA,
     )
@@ -148,7 +213,25 @@ def dedup(records: pl.DataFrame, embeddings: np.ndarray, threshold: float) -> De
     )
 
 
-def _detail(reason: str | None, rep_id: str, sim: float) -> str:
+def _rank(records: pl.DataFrame, keep: KeepPolicy) -> np.ndarray:
+    """Each record's position in the keep order. `central` needs the neighbour graph, so it ranks by frame order
+    here (exact duplicates are identical texts: any member is as central) and re-ranks the near-duplicate step."""
+    n = records.height
+    order = np.arange(n)
+    if keep == "probability" and "verbalized_probability" in records.columns:
+        probs = records["verbalized_probability"].cast(pl.Float64).fill_nan(None).to_list()
+        # Highest probability first; nulls last; ties keep frame order.
+        order = np.array(sorted(range(n), key=lambda i: (probs[i] is None, -(probs[i] or 0.0), i)), dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def _detail(reason: str | None, rep_id: str, sim: float, reference: str | None) -> str:
+    if reason == "exact_in_reference":
+        return f"already in reference '{reference}' as {rep_id} (same normalised text)"
+    if reason == "near_reference":
+        return f"near {rep_id} in reference '{reference}' (cosine {sim:.3f})"
     if reason == "exact_duplicate":
         return f"duplicate of {rep_id} (same normalised text, cosine {sim:.3f})"
     return f"duplicate of {rep_id} (cosine {sim:.3f})"
@@ -162,33 +245,42 @@ def _normalised(embeddings: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def _near_duplicates(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each row: the index of the most similar EARLIER KEPT row with cosine >= threshold (-1 if none), and that cosine."""
+def _near_duplicates(
+    vectors: np.ndarray,
+    rank: np.ndarray,
+    threshold: float,
+    keep: KeepPolicy,
+    *,
+    index: str,
+    device: str,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row: the most similar better-ranked KEPT row with cosine >= threshold (-1 if none), and that cosine."""
     m = vectors.shape[0]
     rep = np.full(m, -1, dtype=np.int64)
     sims = np.ones(m, dtype=np.float64)
     if m < 2:
         return rep, sims
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
+    similarity_index = SimilarityIndex.build(vectors, choose_index(m, kind=index, device=device))
+    graph = similarity_index.neighbors(vectors, threshold, chunk=QUERY_CHUNK, on_chunk=on_progress)
+    lims, ids, nb_sims = graph.lims, graph.ids, graph.sims.astype(np.float64)
+    rows = np.repeat(np.arange(m), np.diff(lims))
+    not_self = ids != rows
+    if keep == "central":
+        # Summed similarity to its near duplicates: the member most like the rest of its neighbourhood goes first.
+        centrality = np.bincount(rows[not_self], weights=nb_sims[not_self], minlength=m)
+        order = np.lexsort((rank, -centrality))
+    else:
+        order = np.argsort(rank, kind="stable")
     kept = np.zeros(m, dtype=bool)
-    # FAISS keeps inner products strictly above the radius; search slightly lower, then apply ">=" (up to float32 rounding).
-    radius = float(threshold) - 1e-4
-    for start in range(0, m, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, m)
-        lims, dist, ids = index.range_search(vectors[start:stop], radius)
-        # Rows of a chunk are decided in order: each looks only at earlier rows, whose fate is already known.
-        for q in range(stop - start):
-            i = start + q
-            nb_ids = ids[lims[q] : lims[q + 1]]
-            nb_sim = dist[lims[q] : lims[q + 1]]
-            ok = (nb_ids < i) & (nb_sim >= threshold - SIMILARITY_TOLERANCE)
-            if ok.any():
-                ok &= kept[np.where(ok, nb_ids, 0)]
-            if ok.any():
-                best = int(np.argmax(np.where(ok, nb_sim, -np.inf)))
-                rep[i] = int(nb_ids[best])
-                sims[i] = float(min(nb_sim[best], 1.0))
-            else:
-                kept[i] = True
+    for i in order:
+        start, stop = lims[i], lims[i + 1]
+        nb_ids = ids[start:stop]
+        ok = (nb_ids != i) & kept[nb_ids] & (nb_sims[start:stop] >= threshold - SIMILARITY_TOLERANCE)
+        if ok.any():
+            best = int(np.argmax(np.where(ok, nb_sims[start:stop], -np.inf)))
+            rep[i] = int(nb_ids[best])
+            sims[i] = float(min(nb_sims[start + best], 1.0))
+        else:
+            kept[i] = True
     return rep, sims

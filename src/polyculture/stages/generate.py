@@ -21,6 +21,7 @@ import polars as pl
 from polyculture.engines.base import Conversation, Engine, SamplingParams
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
+from polyculture.stages.top_up import HINTS_COLUMN, hint_lines
 
 COMPLETION_COLUMNS = [  # plus one column per prompt attribute after cell_key
     "call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "turn", "system", "user", "messages",
@@ -49,8 +50,12 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
     requests = []
     for cell in cells.iter_rows(named=True):
         values = {name: cell[name] for name in names}
+        # Top-up cells of field/extract attributes steer the model with a hint line per attribute (stages/top_up).
+        hints = json.loads(cell.get(HINTS_COLUMN) or "{}")
+        hint = hint_lines(spec, hints) if hints else ""
         for index in range(cell["n_prompts"]):
             variables = {**values, "k": method.k, "index": index}
+            user = user_template.render(variables).strip()
             requests.append(
                 PromptRequest(
                     cell_id=cell["cell_id"],
@@ -58,7 +63,7 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
                     attributes=values,
                     prompt_index=index,
                     system=system_template.render(variables).strip() if system_template else None,
-                    user=user_template.render(variables).strip(),
+                    user=f"{user}\n{hint}" if hint else user,
                 )
             )
     return requests

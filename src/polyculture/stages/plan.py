@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from polyculture.spec import Attribute, BuildSpec
+from polyculture.spec import Attribute, BuildSpec, CellWeight
 
 
 def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
@@ -58,6 +58,82 @@ def joint_targets(attributes: Sequence[Attribute], total: int) -> list[tuple[dic
         ({a.name: value for a, value in zip(attributes, combo, strict=True)}, int(count))
         for combo, count in zip(combos, counts, strict=True)
     ]
+
+
+def table_targets(
+    attributes: Sequence[Attribute], table: Sequence[CellWeight], total: int
+) -> list[tuple[dict[str, str], int]]:
+    """Exact counts for an explicit joint table: largest remainder over its listed cells (in table order)."""
+    counts = largest_remainder(total, [row.weight for row in table])
+    return [
+        ({a.name: row.cell[a.name] for a in attributes}, count) for row, count in zip(table, counts, strict=True)
+    ]
+
+
+def cell_targets(spec: BuildSpec) -> list[tuple[dict[str, str], int]]:
+    """The joint cells the spec's rebalancing aims at, with exact counts.
+
+    targets joint and marginals both plan with the joint table (product of the attributes' weights, marginals exact);
+    marginals mode only relaxes how rebalance may trade records between cells afterwards.
+    """
+    if spec.rebalance.targets == "table" and spec.rebalance.table:
+        return table_targets(spec.attributes, spec.rebalance.table, spec.target_size)
+    return joint_targets(spec.attributes, spec.target_size)
+
+
+def marginal_targets(cells: Sequence[tuple[dict[str, str], int]]) -> dict[str, dict[str, int]]:
+    """Each attribute's exact counts per value, summed from the joint cells."""
+    out: dict[str, dict[str, int]] = {}
+    for values, count in cells:
+        for name, value in values.items():
+            out.setdefault(name, {}).setdefault(value, 0)
+            out[name][value] += count
+    return out
+
+
+def marginal_quotas(
+    cells: Sequence[tuple[dict[str, str], int]], available: Sequence[int]
+) -> list[int]:
+    """Per-cell counts that hit every marginal exactly using only the records available, as close to the joint plan
+    as possible; where no such table exists, the largest total that never exceeds a marginal (the rest is reported
+    short). Two integer programs (scipy's HiGHS): first the largest feasible total, then the closest table at it."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n = len(cells)
+    if n == 0:
+        return []
+    plan_counts = np.array([count for _, count in cells], dtype=float)
+    cap = np.asarray(available, dtype=float)
+    marginals = marginal_targets(cells)
+    rows, limits = [], []
+    for name, by_value in marginals.items():
+        for value, target in by_value.items():
+            rows.append([float(values[name] == value) for values, _ in cells])
+            limits.append(target)
+    a = np.array(rows)
+    integer = np.ones(n)
+    first = milp(
+        -np.ones(n), constraints=[LinearConstraint(a, 0, limits)], integrality=integer, bounds=Bounds(0, cap)
+    )
+    if first.status != 0 or first.x is None:
+        return [0] * n
+    best_total = round(-first.fun)
+    # Closest to the plan at that total: minimise sum t with t >= |x - plan|.
+    identity = np.eye(n)
+    zeros = np.zeros((a.shape[0], n))
+    second = milp(
+        np.concatenate([np.zeros(n), np.ones(n)]),
+        constraints=[
+            LinearConstraint(np.hstack([a, zeros]), 0, limits),
+            LinearConstraint(np.concatenate([np.ones(n), np.zeros(n)])[None, :], best_total, best_total),
+            LinearConstraint(np.hstack([identity, -identity]), -np.inf, plan_counts),
+            LinearConstraint(np.hstack([-identity, -identity]), -np.inf, -plan_counts),
+        ],
+        integrality=np.concatenate([integer, np.zeros(n)]),
+        bounds=Bounds(np.zeros(2 * n), np.concatenate([cap, np.full(n, np.inf)])),
+    )
+    x = second.x if second.status == 0 and second.x is not None else first.x
+    return [int(v) for v in np.round(x[:n])]
 
 
 def _exact_marginal_rounding(
@@ -131,7 +207,7 @@ def plan(spec: BuildSpec) -> pl.DataFrame:
     per_prompt = spec.sampling.n * items_per_call(spec)
     # Quotas come from the joint targets over all attributes (as rebalance uses them), summed per prompt cell.
     quotas: dict[tuple[str, ...], int] = {}
-    for values, count in joint_targets(spec.attributes, spec.target_size):
+    for values, count in cell_targets(spec):
         key = tuple(values[a.name] for a in attrs)
         quotas[key] = quotas.get(key, 0) + count
     rows = []

@@ -169,6 +169,13 @@ def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
     for name, kind in fields:
         values = [_coerce(r.get(name), kind, f"record {rid}, field '{name}'") for rid, r in zip(record_ids, records)]
         columns[name] = pa.array(values, type=kind or pa.string())
+    # Extracted attributes are not record fields: they ship as columns of their own, after the record's fields.
+    for attr in spec.extract_attributes:
+        if attr.name in columns:
+            raise PublishError(f"extracted attribute '{attr.name}' clashes with a record field of that name")
+        if attr.name not in final.columns:
+            raise PublishError(f"the final records frame lacks the extracted attribute column '{attr.name}'")
+        columns[attr.name] = pa.array(final[attr.name].cast(pl.String).to_list(), type=pa.string())
     for column, (source, kind) in METADATA_COLUMNS.items():
         columns[column] = pa.array(final[source].to_list(), type=kind)
     return pa.table(columns)

@@ -1,22 +1,31 @@
-"""rebalance: cut the records to the exact joint targets over all the attributes, and say which cells fall short.
+"""rebalance: cut the records to exact targets (joint cells, marginals only, or an explicit joint table), and say
+which cells fall short.
 
-A surplus cell is cut by greedy farthest-point sampling on the embeddings, not at random: each pick is the record
-least similar to everything picked so far, so the kept subset is the most spread out one this greedy can find.
+A surplus cell is cut by a diversity-preserving choice on the embeddings, never at random: greedy farthest-point
+(each pick is the record least similar to everything picked so far) or MMR (each pick trades typicality, the cosine
+to the cell's centroid, against redundancy with what is already picked).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import polars as pl
 
-from polyculture.spec import Attribute
-from polyculture.stages.plan import cell_key, joint_targets
+from polyculture.spec import Attribute, CellWeight
+from polyculture.stages.plan import cell_key, joint_targets, marginal_quotas, marginal_targets, table_targets
 from polyculture.stages.rejects import reject, rejects_frame
 
 STAGE = "rebalance"
+Targets = Literal["joint", "marginals", "table"]
+Surplus = Literal["farthest_point", "mmr"]
+MARGINALS_SCHEMA = {
+    "attribute": pl.String, "value": pl.String, "target": pl.Int64, "available": pl.Int64, "kept": pl.Int64,
+    "deficit": pl.Int64,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -24,11 +33,31 @@ class RebalanceResult:
     kept: pl.DataFrame
     kept_embeddings: np.ndarray
     rejects: pl.DataFrame
-    cells: pl.DataFrame
+    cells: pl.DataFrame  # one row per joint cell: target, available (valid unique), kept, deficit, reason
+    marginals: pl.DataFrame  # one row per attribute value: target, available, kept, deficit
+
+    def shortfalls(self) -> list[tuple[dict[str, str], int]]:
+        """Joint cells still missing records, with how many: what a top-up round should generate."""
+        names = [c for c in self.cells.columns if c not in _CELL_COLUMNS]
+        return [
+            ({n: row[n] for n in names}, int(row["wanted"]))
+            for row in self.cells.filter(pl.col("wanted") > 0).iter_rows(named=True)
+        ]
+
+
+_CELL_COLUMNS = {"cell_key", "target", "available", "kept", "deficit", "wanted", "reason"}
 
 
 def rebalance(
-    records: pl.DataFrame, embeddings: np.ndarray, attributes: Sequence[Attribute], target_size: int
+    records: pl.DataFrame,
+    embeddings: np.ndarray,
+    attributes: Sequence[Attribute],
+    target_size: int,
+    *,
+    targets: Targets = "joint",
+    table: Sequence[CellWeight] | None = None,
+    surplus: Surplus = "farthest_point",
+    mmr_lambda: float = 0.5,
 ) -> RebalanceResult:
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != records.height:
@@ -37,6 +66,10 @@ def rebalance(
         )
     if target_size < 0:
         raise ValueError(f"target_size must be >= 0; got {target_size}")
+    if targets == "table" and not table:
+        raise ValueError("targets 'table' needs a non-empty table of joint cells and weights")
+    if surplus not in ("farthest_point", "mmr"):
+        raise ValueError(f"surplus must be 'farthest_point' or 'mmr'; got {surplus!r}")
     missing = [a.name for a in attributes if a.name not in records.columns]
     if missing:
         raise ValueError(f"records frame has no column for attributes {missing} (columns: {records.columns})")
@@ -62,43 +95,115 @@ def rebalance(
             continue
         members.setdefault(tuple(values[a.name][i] for a in attributes), []).append(i)
 
+    plan = (
+        table_targets(attributes, table or [], target_size)
+        if targets == "table"
+        else joint_targets(attributes, target_size)
+    )
+    keys = [tuple(v[a.name] for a in attributes) for v, _ in plan]
+    available = [len(members.get(k, [])) for k in keys]
+    # marginals: the solver may move quota between cells of the same marginal value, within what is available.
+    quotas = marginal_quotas(plan, available) if targets == "marginals" and attributes else [t for _, t in plan]
+
     vectors = _normalised(embeddings)
     kept_order: list[int] = []
     cell_rows = []
-    for cell_values, target in joint_targets(attributes, target_size):
+    for (cell_values, planned), key_tuple, quota in zip(plan, keys, quotas, strict=True):
         key = cell_key(cell_values)
-        pool = members.get(tuple(cell_values[a.name] for a in attributes), [])
-        if len(pool) > target:
-            chosen = sorted(farthest_point_order(vectors[pool], _start(pool, probs), target))
-            keep = [pool[j] for j in chosen]
+        pool = members.pop(key_tuple, [])
+        keep = _choose(pool, quota, vectors, probs, surplus, mmr_lambda)
+        if len(pool) > len(keep):
             dropped = sorted(set(pool) - set(keep))
-            detail = f"cell {key} had {len(pool)} valid records for a target of {target}; kept the {target} most diverse"
+            how = "most diverse" if surplus == "farthest_point" else "most typical yet diverse (MMR)"
+            detail = f"cell {key} had {len(pool)} valid records for a quota of {quota}; kept the {quota} {how}"
             rejects.extend(reject(record_ids[i], call_ids[i], STAGE, "surplus", detail) for i in dropped)
-        else:
-            keep = pool
         kept_order.extend(keep)
-        deficit = target - len(keep)
+        deficit = max(0, planned - len(keep)) if targets != "marginals" else 0
         cell_rows.append(
             {
                 "cell_key": key,
                 **cell_values,
-                "target": target,
+                "target": planned if targets != "marginals" else quota,
                 "available": len(pool),
                 "kept": len(keep),
                 "deficit": deficit,
-                "reason": f"only {len(pool)} valid unique records for this cell (target {target})" if deficit else None,
+                "wanted": max(0, planned - len(pool)),
+                "reason": f"only {len(pool)} valid unique records for this cell (target {planned})" if deficit else None,
             }
         )
+    # Cells outside a target table (weight 0): every record there is surplus.
+    for key_tuple, pool in members.items():
+        key = cell_key(dict(zip([a.name for a in attributes], key_tuple, strict=True)))
+        detail = f"cell {key} is not in the target table (quota 0)"
+        rejects.extend(reject(record_ids[i], call_ids[i], STAGE, "surplus", detail) for i in pool)
+
+    marginal_rows = _marginal_rows(plan, available, [r["kept"] for r in cell_rows])
+    if targets == "marginals":
+        _mark_marginal_shortfalls(cell_rows, plan, marginal_rows)
 
     cells_schema = {"cell_key": pl.String, **{a.name: pl.String for a in attributes}}
-    cells_schema |= {"target": pl.Int64, "available": pl.Int64, "kept": pl.Int64, "deficit": pl.Int64, "reason": pl.String}
+    cells_schema |= {
+        "target": pl.Int64, "available": pl.Int64, "kept": pl.Int64, "deficit": pl.Int64, "wanted": pl.Int64,
+        "reason": pl.String,
+    }  # fmt: skip
     take = np.asarray(kept_order, dtype=np.int64)
     return RebalanceResult(
         kept=records[kept_order] if n else records,
         kept_embeddings=np.ascontiguousarray(embeddings[take], dtype=np.float32),
         rejects=rejects_frame(rejects),
         cells=pl.DataFrame(cell_rows, schema=cells_schema),
+        marginals=pl.DataFrame(marginal_rows, schema=MARGINALS_SCHEMA),
     )
+
+
+def _choose(
+    pool: list[int], quota: int, vectors: np.ndarray, probs: list[float | None], surplus: Surplus, mmr_lambda: float
+) -> list[int]:
+    if len(pool) <= quota:
+        return pool
+    if quota <= 0:
+        return []
+    if surplus == "mmr":
+        chosen = mmr_order(vectors[pool], quota, mmr_lambda)
+    else:
+        chosen = farthest_point_order(vectors[pool], _start(pool, probs), quota)
+    return [pool[j] for j in sorted(chosen)]
+
+
+def _marginal_rows(
+    plan: list[tuple[dict[str, str], int]], available: list[int], kept: list[int]
+) -> list[dict[str, object]]:
+    rows = []
+    for name, by_value in marginal_targets(plan).items():
+        for value, target in by_value.items():
+            in_value = [i for i, (cell, _) in enumerate(plan) if cell[name] == value]
+            got = sum(kept[i] for i in in_value)
+            rows.append(
+                {
+                    "attribute": name,
+                    "value": value,
+                    "target": target,
+                    "available": sum(available[i] for i in in_value),
+                    "kept": got,
+                    "deficit": max(0, target - got),
+                }
+            )
+    return rows
+
+
+def _mark_marginal_shortfalls(
+    cell_rows: list[dict[str, object]], plan: list[tuple[dict[str, str], int]], marginal_rows: list[dict[str, object]]
+) -> None:
+    """marginals mode: a cell is wanted only where one of its values is short, and only up to its planned count."""
+    short = {(r["attribute"], r["value"]): r for r in marginal_rows if r["deficit"]}
+    for row, (cell, planned) in zip(cell_rows, plan, strict=True):
+        gaps = [short[(name, value)] for name, value in cell.items() if (name, value) in short]
+        row["wanted"] = max(0, planned - int(row["available"])) if gaps else 0
+        if gaps:
+            row["reason"] = "; ".join(
+                f"{g['attribute']}={g['value']} has {g['kept']} of {g['target']} (only {g['available']} available)"
+                for g in gaps
+            )
 
 
 def _off_target(
@@ -117,7 +222,7 @@ def _start(pool: list[int], probs: list[float | None]) -> int:
     """Position in `pool` of the record the model rated most likely; nulls (and NaN) rank last, ties go to the earliest."""
     def rank(j: int) -> tuple[int, float, int]:
         p = probs[pool[j]]
-        if p is None or p != p:
+        if p is None or np.isnan(p):
             return (1, 0.0, j)
         return (0, -p, j)
 
@@ -139,6 +244,29 @@ def farthest_point_order(vectors: np.ndarray, start: int, k: int) -> list[int]:
         nxt = int(np.argmin(closest))
         chosen.append(nxt)
         closest = np.maximum(closest, vectors @ vectors[nxt])  # chosen rows stay at +inf
+    return chosen
+
+
+def mmr_order(vectors: np.ndarray, k: int, mmr_lambda: float) -> list[int]:
+    """Maximal marginal relevance: `k` row indices; relevance is the cosine to the rows' centroid, redundancy the
+    highest cosine to a row already chosen. Starts from the most typical row; ties go to the lowest index."""
+    m = vectors.shape[0]
+    k = min(k, m)
+    if k <= 0:
+        return []
+    centroid = vectors.mean(axis=0)
+    norm = float(np.linalg.norm(centroid))
+    relevance = (vectors @ (centroid / norm)).astype(np.float64) if norm > 0 else np.zeros(m)
+    chosen = [int(np.argmax(relevance))]
+    closest = (vectors @ vectors[chosen[0]]).astype(np.float64)
+    taken = np.zeros(m, dtype=bool)
+    taken[chosen[0]] = True
+    while len(chosen) < k:
+        score = np.where(taken, -np.inf, mmr_lambda * relevance - (1 - mmr_lambda) * closest)
+        nxt = int(np.argmax(score))
+        chosen.append(nxt)
+        taken[nxt] = True
+        closest = np.maximum(closest, vectors @ vectors[nxt])
     return chosen
 
 

@@ -40,20 +40,34 @@ def write_report(
     cells: pl.DataFrame,
     usage: dict[str, float],
     out_dir: Path,
+    pool: pl.DataFrame | None = None,
+    pool_embeddings: np.ndarray | None = None,
+    marginals: pl.DataFrame | None = None,
+    rounds: list[dict[str, Any]] | None = None,
+    stop_reason: str | None = None,
 ) -> dict[str, Any]:
     """Compute the report, write report.json, report.md and plots/attribute_<name>.png under out_dir; return it."""
     out_dir = Path(out_dir)
     before = _diversity(validated, validated_embeddings, "validated", spec.seed)
     after = _diversity(final, final_embeddings, "final", spec.seed)
 
+    # The pool is what rebalancing chose from: validated, deduplicated, attributes extracted.
+    pool = validated if pool is None else pool
     attributes: dict[str, Any] = {}
     for attr in spec.attributes:
-        target = attr.target_distribution()
+        target_counts = _target_counts(attr, cells, spec.target_size)
+        total = sum(target_counts.values())
+        # A joint table sets the marginals itself; otherwise they are the attribute's own weights.
+        from_table = spec.rebalance.targets == "table" and total
+        target = {v: c / total for v, c in target_counts.items()} if from_table else attr.target_distribution()
+        # An extracted attribute does not exist before extraction: its "validated" column is the pool's.
+        before_frame = pool if attr.source == "extract" else validated
         attributes[attr.name] = {
             "source": attr.source,
-            "field": attr.record_field,
-            "target_counts": _target_counts(attr, cells, spec.target_size),
-            "before": attribute_summary(_column(validated, attr.name, "validated"), target),
+            "field": attr.record_field if attr.source != "extract" else None,
+            "target_counts": target_counts,
+            "before": attribute_summary(_column(before_frame, attr.name, "validated"), target),
+            "before_rebalance": attribute_summary(_column(pool, attr.name, "pool"), target),
             "after": attribute_summary(_column(final, attr.name, "final"), target),
         }
 
@@ -93,6 +107,15 @@ def write_report(
         "attributes": attributes,
         "rejects": {"total": int(rejects.height), "by_reason": reject_groups},
         "short_cells": short,
+        "rebalance": {
+            "targets": spec.rebalance.targets,
+            "surplus": spec.rebalance.surplus,
+            "rounds": list(rounds or []),
+            "stop_reason": stop_reason,
+            "cells": int(cells.height),
+            "cells_on_target": int(cells.filter(pl.col("deficit") == 0).height) if "deficit" in cells.columns else 0,
+            "marginals": marginals.to_dicts() if marginals is not None else [],
+        },
         "usage": dict(usage),
         "plots": plots,
     }
@@ -256,16 +279,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"## Attribute `{name}` ({entry['source']})",
             "",
-            "| value | target share | target count | validated | final | final share |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| value | target share | target count | validated | before rebalancing | final | final share |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
+        p = entry.get("before_rebalance", b)
         for value, share in a["target_share"].items():
             lines.append(
                 f"| {md_cell(value)} | {share:.1%} | {entry['target_counts'].get(value, 0)} | {b['counts'][value]}"
-                f" | {a['counts'][value]} | {a['observed_share'][value]:.1%} |"
+                f" | {p['counts'][value]} | {a['counts'][value]} | {a['observed_share'][value]:.1%} |"
             )
-        if a["other"] or b["other"]:
-            lines.append(f"| (other) | 0.0% | 0 | {b['other']} | {a['other']} | {a['other_share']:.1%} |")
+        if a["other"] or b["other"] or p["other"]:
+            lines.append(
+                f"| (other) | 0.0% | 0 | {b['other']} | {p['other']} | {a['other']} | {a['other_share']:.1%} |"
+            )
         kl = "infinite (mass where the target is 0)" if a["kl_infinite"] else _num(a["kl_bits"])
         lines += [
             "",
@@ -290,6 +316,32 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {md_cell(g['stage'])} | {md_cell(g['reason'])} | {g['count']} | {example} |")
     else:
         lines.append("None.")
+
+    rb = report.get("rebalance") or {}
+    if rb.get("rounds"):
+        lines += [
+            "",
+            "## Rebalancing",
+            "",
+            f"Targets: {rb['targets']}; surplus cut by {rb['surplus'].replace('_', ' ')}. "
+            f"{rb['cells_on_target']} of {rb['cells']} cells on target. {(rb.get('stop_reason') or '').capitalize()}.",
+            "",
+            "| round | cells asked | prompts | completions | generated tokens | unique valid | final | cells short | missing |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rb["rounds"]:
+            lines.append(
+                f"| {r['round']} | {r['cells']} | {r['prompts']} | {r['completions']} | {r['generated_tokens']:,}"
+                f" | {r['unique_valid']} | {r['final']} | {r['short_cells']} | {r['missing']} |"
+            )
+        short_marginals = [m for m in rb.get("marginals", []) if m["deficit"]]
+        if short_marginals:
+            lines += ["", "| attribute | value | target | available | kept | deficit |", "|---|---|---:|---:|---:|---:|"]
+            lines += [
+                f"| {md_cell(m['attribute'])} | {md_cell(m['value'])} | {m['target']} | {m['available']} | {m['kept']}"
+                f" | {m['deficit']} |"
+                for m in short_marginals
+            ]
 
     lines += ["", "## Cells short of target", ""]
     if report["short_cells"]:
