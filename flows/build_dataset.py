@@ -175,7 +175,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
     engine, load_seconds = load_engine(spec)
-    known: dict[str, Any] = {}  # extracted labels by record id, so later rounds do not ask again
+    known: dict[tuple[str, str], Any] = {}  # extracted labels by (attribute, record id): later rounds ask only anew
     plans = [cells]
     rounds: list[dict[str, Any]] = []
     try:
@@ -194,8 +194,8 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
                 first_cell_id=int(max(int(p["cell_id"].max() or 0) for p in plans)) + 1,
                 token_budget_left=None if budget is None else budget - spent,
             )  # fmt: skip
-            if top_up.height == 0:
-                stop_reason = f"stopped: the top-up token budget is spent ({spent:,} of {budget:,} tokens)"
+            if top_up.height == 0:  # only a spent budget can leave a shortfall without prompts
+                stop_reason = f"stopped: the top-up token budget is spent ({spent:,} of {budget or 0:,} tokens)"
                 break
             top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
             plans.append(top_up)
@@ -229,9 +229,8 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
         "valid": records.height,
         "after_exact_dedup": records.height - exact_dups,
         "after_semantic_dedup": deduped.kept.height,
-        "after_extract": pool.extracted.records.height,
+        **({"after_extract": pool.extracted.records.height} if spec.extract_attributes else {}),
         "final": balanced.kept.height,
-        "top_up_rounds": len(rounds) - 1,
     }
     generation_seconds = sum(r["generation_seconds"] for r in rounds)
     generated_tokens = int(completions["completion_tokens"].sum()) if completions.height else 0
