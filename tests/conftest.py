@@ -12,6 +12,9 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "PREFECT_HOME": _PREFECT_HOME,
+    # load_dataset caches a local folder by its name only: a fresh cache per session, so a run folder name reused
+    # by an earlier session never serves that session's rows.
+    "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="polyculture-hf-datasets-"),
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",

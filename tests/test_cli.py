@@ -66,3 +66,25 @@ def test_build_json(spec_dir, tmp_path):
     assert result["run_id"] == "cli-run" and result["dataset_dir"].startswith(str(tmp_path / "runs"))
     assert os.path.isfile(result["report_md"]) and os.path.isfile(result["report_json"])
     assert datasets.load_dataset(result["dataset_dir"], split="train").num_rows == result["records"] > 0
+
+
+def test_index_writes_a_reference_a_spec_can_use(spec_dir, tmp_path, private_cache):
+    import polars as pl
+
+    source = tmp_path / "corpus.jsonl"
+    pl.DataFrame({"id": ["a", "b", "c"], "body": ["A doctor in Lagos.", "", "A farmer in Peru."]}).write_ndjson(source)
+    out = _run("index", str(source), str(tmp_path / "ref"), "--text-field", "body", "--id-field", "id", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["records"] == 2  # the empty text is skipped
+    assert pl.read_parquet(tmp_path / "ref" / "entries.parquet")["record_id"].to_list() == ["a", "c"]
+    # a spec naming it passes validation; a folder that is not a reference is refused naming the field
+    good = spec_dir / "good.yaml"
+    good.write_text(yaml.safe_dump(small_spec_dict(dedup={"reference": [str(tmp_path / "ref")]})))
+    assert _run("check", str(good)).returncode == 0
+    bad = spec_dir / "bad.yaml"
+    bad.write_text(yaml.safe_dump(small_spec_dict(dedup={"reference": [str(tmp_path)]})))
+    refused = _run("check", str(bad))
+    assert refused.returncode == 2 and "dedup.reference" in refused.stderr and "not a reference index" in refused.stderr
+    missing = _run("index", str(source), str(tmp_path / "ref2"), "--text-field", "nope")
+    assert missing.returncode == 2 and "no column 'nope'" in missing.stderr

@@ -79,6 +79,7 @@ def test_top_up_rounds_extraction_and_dedup_against_the_previous_release(spec_di
     report = json.loads((run_dir / "report.json").read_text())
 
     rounds = report["rebalance"]["rounds"]
+    assert "## Rebalancing" in (run_dir / "report.md").read_text()
     assert rounds[0]["prompts"] == 4  # 2 cells x ceil(4 / 2): n=2 direct answers per prompt
     assert rounds[0]["short_cells"] > 0  # 4 prompts cannot fill 8 records after dedup
     assert [r["round"] for r in rounds] == [0, 1]

@@ -174,7 +174,8 @@ def test_report_markdown_and_plots(tmp_path: Path) -> None:
     md = (out_dir / "report.md").read_text()
     assert md.startswith("# Diversity report: people")
     assert "| after_semantic_dedup | 4 | 80% |" in md
-    assert "| doctor | 60.0% | 3 | 4 | 3 | 75.0% |" in md
+    # validated 4, before rebalancing 4 (no pool given: the validated records), final 3
+    assert "| doctor | 60.0% | 3 | 4 | 4 | 3 | 75.0% |" in md
     assert "![job: target vs final share](plots/attribute_job.png)" in md
     assert "plots/attribute_mood.png" in md
     assert "job=teacher" in md and "not enough valid candidates" in md

@@ -54,7 +54,7 @@ def locate_reference(path: str | Path, base_dir: Path = Path(".")) -> Path:
             if (folder / MANIFEST).is_file():
                 return folder.resolve()
     raise ReferenceError(
-        f"dedup.reference: '{path}' is not a reference index: expected a folder with {MANIFEST} (written by "
+        f"'{path}' is not a reference index: expected a folder with {MANIFEST} (written by "
         "`polyculture index`) or a build's run folder holding reference/"
     )
 
