@@ -127,3 +127,19 @@ def test_load_spec_reports_yaml_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="mapping"):
         load_spec(tmp_path / "list.yaml")
+
+
+def test_dedup_and_extract_settings_refused_naming_the_field(spec_dir):
+    assert "no GPU HNSW index" in _refused(spec_dir, small_spec_dict(dedup={"index": "hnsw", "device": "gpu"}))
+    assert "dedup.keep" in _refused(spec_dir, small_spec_dict(dedup={"keep": "random"}))
+    extract = {"name": "setting", "values": ["city", "village"], "source": "extract"}
+    bad_field = _refused(spec_dir, small_spec_dict(attributes=[{**extract, "extractor": {"from_field": "nope"}}]))
+    assert "extractor.from_field: 'nope' is not in the record schema" in bad_field
+    assert "must contain '{label}'" in _refused(
+        spec_dir, small_spec_dict(attributes=[{**extract, "extractor": {"label_template": "x"}}])
+    )
+    assert "applies to source 'extract' only" in _refused(
+        spec_dir, small_spec_dict(attributes=[{"name": "occupation", "values": ["a"], "extractor": {}}])
+    )
+    clash = _refused(spec_dir, small_spec_dict(attributes=[{"name": "bio", "values": ["a"], "source": "extract"}]))
+    assert "use source: field" in clash

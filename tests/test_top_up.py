@@ -111,3 +111,4 @@ def test_bad_rebalance_settings_are_refused(spec_dir, rebalance, message):
 
     with pytest.raises(SpecError, match=message):
         _spec(spec_dir, rebalance=rebalance)
+

@@ -82,6 +82,12 @@ def _check_models(spec: Any) -> None:
         resolve_embedding_model(spec.dedup.embedding_model, spec.base_dir)
     except ModelUnavailable as exc:
         _fail(str(exc), 3)
+    from polyculture.stages.similarity_index import choose_index
+
+    try:  # a GPU index asked for where FAISS has no GPU build fails now, not after generation
+        choose_index(1, kind=spec.dedup.index, device=spec.dedup.device)
+    except ValueError as exc:
+        _fail(f"dedup.device: {exc}", 3)
 
 
 def _progress_bar(quiet: bool, *, label_width: int, transient: bool = False) -> Progress:

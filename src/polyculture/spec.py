@@ -300,6 +300,12 @@ class DedupSpec(_Strict):
         "earlier builds (their reference/ folder) or folders written by `polyculture index`; relative to the spec.",
     )
 
+    @model_validator(mode="after")
+    def _gpu_hnsw(self) -> DedupSpec:
+        if self.index == "hnsw" and self.device == "gpu":
+            raise ValueError("FAISS has no GPU HNSW index: use index flat or ivf on device gpu, or device cpu")
+        return self
+
     @field_validator("reference")
     @classmethod
     def _references_exist(cls, folders: list[str], info: ValidationInfo) -> list[str]:
