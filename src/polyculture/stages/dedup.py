@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.stages.reference import Reference
+from polyculture.stages.embed import normalise_rows
 from polyculture.stages.rejects import REJECTS_SCHEMA
 from polyculture.stages.similarity_index import SimilarityIndex, choose_index
 
@@ -97,7 +98,8 @@ def dedup(
         if column not in records.columns:
             raise ValueError(f"records frame has no '{column}' column (columns: {records.columns})")
 
-    vectors = _normalised(embeddings)
+    # Rows should come L2-normalised; normalising again is cheap and makes inner product = cosine for any embeddings.
+    vectors = normalise_rows(embeddings)
     record_ids = records["record_id"].cast(pl.String).to_list()
     call_ids = records["call_id"].cast(pl.String).to_list()
     hashes = [text_hash(t or "") for t in records["text"].to_list()]
@@ -235,14 +237,6 @@ def _detail(reason: str | None, rep_id: str, sim: float, reference: str | None) 
     if reason == "exact_duplicate":
         return f"duplicate of {rep_id} (same normalised text, cosine {sim:.3f})"
     return f"duplicate of {rep_id} (cosine {sim:.3f})"
-
-
-def _normalised(embeddings: np.ndarray) -> np.ndarray:
-    # The contract says rows are already L2-normalised; normalising again costs little and makes inner product = cosine
-    # even for embeddings from elsewhere.
-    vectors = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
 def _near_duplicates(

@@ -52,7 +52,8 @@ def model_cache_key(name: str, path: Path) -> str:
     return f"{slug[:80]}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
 
 
-def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
+def normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32, C-contiguous), so inner product = cosine."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     # A zero vector stays zero rather than becoming NaN.
@@ -125,7 +126,7 @@ class Embedder:
             convert_to_numpy=True,
             normalize_embeddings=True,
         )
-        vectors = _normalise_rows(np.asarray(vectors).reshape(len(texts), -1))
+        vectors = normalise_rows(np.asarray(vectors).reshape(len(texts), -1))
         if vectors.shape[1] != self.dimension:
             raise RuntimeError(f"model '{self.name}' returned {vectors.shape[1]}-d vectors, expected {self.dimension}")
         return vectors

@@ -17,6 +17,7 @@ import polars as pl
 
 from polyculture.spec import Attribute, CellWeight
 from polyculture.stages.plan import cell_key, joint_targets, marginal_quotas, marginal_targets, table_targets
+from polyculture.stages.embed import normalise_rows
 from polyculture.stages.rejects import reject, rejects_frame
 
 STAGE = "rebalance"
@@ -105,7 +106,7 @@ def rebalance(
     # marginals: the solver may move quota between cells of the same marginal value, within what is available.
     quotas = marginal_quotas(plan, available) if targets == "marginals" and attributes else [t for _, t in plan]
 
-    vectors = _normalised(embeddings)
+    vectors = normalise_rows(embeddings)
     kept_order: list[int] = []
     cell_rows = []
     for (cell_values, planned), key_tuple, quota in zip(plan, keys, quotas, strict=True):
@@ -268,9 +269,3 @@ def mmr_order(vectors: np.ndarray, k: int, mmr_lambda: float) -> list[int]:
         taken[nxt] = True
         closest = np.maximum(closest, vectors @ vectors[nxt])
     return chosen
-
-
-def _normalised(embeddings: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from polyculture.stages.embed import normalise_rows
 from polyculture.stages.similarity_index import SimilarityIndex, choose_index
 
 FORMAT = 1
@@ -71,11 +72,12 @@ def write_reference(
     """Index the records (their normalised-text hashes and embeddings) into `folder`, replacing it whole."""
     from polyculture.stages.dedup import text_hash
 
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(record_ids) or len(texts) != len(record_ids):
         raise ValueError(
             f"reference: {len(record_ids)} ids, {len(texts)} texts and embeddings of shape {embeddings.shape} disagree"
         )
+    embeddings = normalise_rows(embeddings)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
