@@ -134,6 +134,11 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=0, help="override the chosen nprobe (ivf)")
     parser.add_argument("--sweep", default="8,16,32,64", help="nprobe values tried on the recall sample (ivf)")
     parser.add_argument("--skip-full", action="store_true", help="only the recall sample, no full self-search")
+    parser.add_argument(
+        "--stage", action="store_true",
+        help="also time the whole dedup stage (polyculture.stages.dedup.dedup: exact hashes, index, greedy keep) "
+        "on a frame of unique texts; with --skip-full, instead of the bare index search",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
@@ -223,6 +228,20 @@ def main() -> None:
         report["rows_with_earlier_neighbour"] = with_earlier
         report["greedy_dedup_drops"] = dropped
         log(f"full self-search {report['full_search_s']} s")
+    if args.stage:
+        import polars as pl
+
+        from polyculture.stages.dedup import dedup
+
+        frame = pl.DataFrame(
+            {"record_id": [f"r{i}" for i in range(args.n)], "call_id": [f"c{i}" for i in range(args.n)],
+             "text": [f"text {i}" for i in range(args.n)]}
+        )  # fmt: skip
+        started = time.perf_counter()
+        result = dedup(frame, vectors, args.threshold)
+        report["stage_s"] = round(time.perf_counter() - started, 1)
+        report["stage_dropped"] = int(result.rejects.height)
+        log(f"dedup stage {report['stage_s']} s, {report['stage_dropped']} dropped")
     report["peak_rss_mib"] = round(peak_rss_mib())
 
     if args.json:
@@ -235,6 +254,7 @@ def main() -> None:
     print(f"  index: {plan.kind} {detail}")
     for key in ("generate_s", "train_s", "add_s", "brute_force_sample_s", "full_search_s", "full_search_recall",
                 "neighbour_entries", "truncated_queries", "rows_with_earlier_neighbour", "greedy_dedup_drops",
+                "stage_s", "stage_dropped",
                 "peak_rss_mib"):  # fmt: skip
         if key in report:
             print(f"  {key:<30} {report[key]}")

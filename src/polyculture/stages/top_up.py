@@ -84,10 +84,6 @@ def top_up_cells(
     return pl.DataFrame(rows, schema=_schema(spec)) if rows else _empty(spec)
 
 
-def cell_of(spec: BuildSpec, row: dict[str, str | None]) -> str:
-    return cell_key({a.name: row[a.name] for a in spec.attributes})
-
-
 def prompts_by_cell(spec: BuildSpec, plans: Sequence[pl.DataFrame], cells: pl.DataFrame) -> dict[str, int]:
     """Prompts sent that could land in each joint cell: a first-round prompt counts for every joint cell sharing its
     prompt-attribute values; a top-up prompt counts for the one cell it was hinted at."""
