@@ -104,7 +104,11 @@ def dedup_task(spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, r
 
 @task(name="extract", cache_policy=NONE)
 def extract_task(
-    spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, engine: Engine | None, known: dict[str, Any]
+    spec: BuildSpec,
+    records: pl.DataFrame,
+    embeddings: np.ndarray,
+    engine: Engine | None,
+    known: dict[tuple[str, str], Any],
 ) -> Any:
     return extract_attributes(spec, records, embeddings, engine=engine, known=known)
 
@@ -130,7 +134,9 @@ class _Pool:
     balanced: Any = None
 
 
-def _process(spec: BuildSpec, pool: _Pool, engine: Engine | None, references: list[Reference], known: dict) -> _Pool:
+def _process(
+    spec: BuildSpec, pool: _Pool, engine: Engine | None, references: list[Reference], known: dict[tuple[str, str], Any]
+) -> _Pool:
     pool.validated = validate_task(spec, pool.completions)
     records = pool.validated.records
     progress.report("validate", 1, 1, f"{records.height} valid, {pool.validated.rejects.height} rejected")
@@ -182,7 +188,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
         pool = _Pool(completions=generate_task(spec, cells, engine, run_dir / "generate", "generate"))
         pool = _process(spec, pool, engine, references, known)
         rounds.append(_round_row(0, cells, pool.completions, pool))
-        stop_reason = "every cell is full"
+        stop_reason: str | None = None  # set where a bound stops the rounds; otherwise derived below
         for round_no in range(1, spec.rebalance.top_up_rounds + 1):
             shortfalls = pool.balanced.shortfalls()
             if not shortfalls:
@@ -203,11 +209,13 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
             new = generate_task(spec, top_up, engine, run_dir / "generate" / f"topup-{round_no:02d}", label)
             pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
             rounds.append(_round_row(round_no, top_up, new, pool))
-        else:
-            if pool.balanced.shortfalls():
+        if stop_reason is None:
+            if not pool.balanced.shortfalls():
+                stop_reason = "every cell is full"
+            elif spec.rebalance.top_up_rounds == 0:
+                stop_reason = "stopped: top-up rounds are off (rebalance.top_up_rounds: 0)"
+            else:
                 stop_reason = f"stopped: all {spec.rebalance.top_up_rounds} top-up rounds used"
-        if pool.balanced.shortfalls() and spec.rebalance.top_up_rounds == 0:
-            stop_reason = "stopped: top-up rounds are off (rebalance.top_up_rounds: 0)"
     finally:
         engine.close()
 

@@ -19,10 +19,10 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from polyculture.stages.reference import Reference
 from polyculture.stages.embed import normalise_rows
+from polyculture.stages.reference import Reference
 from polyculture.stages.rejects import REJECTS_SCHEMA
-from polyculture.stages.similarity_index import SimilarityIndex, choose_index
+from polyculture.stages.similarity_index import SIMILARITY_TOLERANCE, SimilarityIndex, choose_index
 
 STAGE = "dedup"
 CLUSTERS_SCHEMA = {
@@ -37,8 +37,6 @@ KEEP_POLICIES = ("first", "probability", "central")
 # Queries per FAISS search call: some indexes abort on large range searches (see STACK.md), and chunking
 # also bounds the memory of one result set.
 QUERY_CHUNK = 1024
-# float32 rounding: two identical unit vectors can score 0.99999994, which must still count at threshold 1.0.
-SIMILARITY_TOLERANCE = 1e-6
 
 _WHITESPACE = re.compile(r"\s+")
 
