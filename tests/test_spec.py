@@ -108,7 +108,7 @@ def test_bad_template_syntax_refused(spec_dir):
 
 
 def test_bad_hub_repo_and_dataset_name_refused(spec_dir):
-    assert "publish.repo_id" in _refused(spec_dir, small_spec_dict(publish={"repo_id": "not a repo"}))
+    assert "publish.hub.repo_id" in _refused(spec_dir, small_spec_dict(publish={"hub": {"repo_id": "not a repo"}}))
     assert "name" in _refused(spec_dir, small_spec_dict(name="../escape"))
 
 
