@@ -10,7 +10,6 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from polyculture.stages.publish import dataset_folder_name, publish_local
 from polyculture.stages.rebalance import rebalance
 from polyculture.stages.reference import Reference, load_reference, locate_reference, write_reference
 from polyculture.stages.report import write_report
+from polyculture.stages.files import write_text_atomic
+from polyculture.stages.runs import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
 from polyculture.stages.validate import validate
 
@@ -48,6 +49,7 @@ class BuildResult:
     target_size: int
     counts: dict[str, int]
     usage: dict[str, float]
+    resumed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,22 +72,20 @@ def _round_row(round_no: int, cells: pl.DataFrame, new: pl.DataFrame, pool: _Poo
     }
 
 
-def new_run_id(spec: BuildSpec) -> str:
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{spec.fingerprint()[:8]}"
-
-
 @task(name="plan", cache_policy=NONE)
 def plan_task(spec: BuildSpec) -> pl.DataFrame:
     return plan(spec)
 
 
 @task(name="generate", cache_policy=NONE)
-def generate_task(spec: BuildSpec, cells: pl.DataFrame, engine: Engine, shard_dir: Path, label: str) -> pl.DataFrame:
+def generate_task(
+    spec: BuildSpec, cells: pl.DataFrame, engine: Engine, shard_dir: Path, label: str, round_no: int
+) -> pl.DataFrame:
     total = int(cells["n_prompts"].sum())
     progress.report(label, 0, total, "prompts")
     return generate(
         spec, cells, engine, get_method(spec.method), shard_dir,
-        on_batch=lambda done, n: progress.report(label, done, n, "prompts"),
+        on_batch=lambda done, n: progress.report(label, done, n, "prompts"), seed_key=f"round-{round_no:02d}",
     )  # fmt: skip
 
 
@@ -161,17 +161,34 @@ def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: _Pool) -> Rou
 
 
 @flow(name="build_dataset", log_prints=False)
-def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | None = None) -> dict[str, Any]:
+def build_dataset(
+    spec_path: str, run_id: str | None = None, output_root: str | None = None, resume: bool = True
+) -> dict[str, Any]:
     """Build the dataset a spec describes; returns where the dataset and report are (a BuildResult as a dict).
 
+    Without a run id, the newest unfinished run of this very spec (same fingerprint, its build dead) is resumed when
+    `resume`, else a new run starts. Finished shards are never regenerated, and each shard samples from its own seed,
+    so a resumed run publishes what an uninterrupted one would have.
     After the first round, cells still short of their quota get top-up rounds (bounded by rebalance.top_up_rounds
     and rebalance.top_up_max_tokens); each round's shards live in generate/topup-NN/, so a re-run resumes.
     """
     wall_started = time.perf_counter()
     spec = load_spec(spec_path)
-    run_id = run_id or new_run_id(spec)
-    run_dir = Path(output_root or spec.publish.dir) / spec.name / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset_root = Path(output_root or spec.publish.dir) / spec.name
+    if run_id is None:
+        unfinished = unfinished_runs(dataset_root, spec) if resume else []
+        run_id = unfinished[0] if unfinished else new_run_id(spec)
+    run_dir = dataset_root / run_id
+    with hold_run(run_dir, spec) as resumed:
+        if resumed:
+            shards = len(list(run_dir.glob("generate/**/*.parquet")))
+            progress.report("resume", 1, 1, f"run {run_id}: {shards} finished shard(s) reused")
+        return _build(spec, spec_path, run_id, run_dir, wall_started, resumed)
+
+
+def _build(
+    spec: BuildSpec, spec_path: str, run_id: str, run_dir: Path, wall_started: float, resumed: bool
+) -> dict[str, Any]:
     shutil.copyfile(spec_path, run_dir / "spec.yaml")
     references = [
         load_reference(locate_reference(folder, spec.base_dir), embedding_model=spec.dedup.embedding_model)
@@ -185,7 +202,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
     plans = [cells]
     rounds: list[dict[str, Any]] = []
     try:
-        pool = _Pool(completions=generate_task(spec, cells, engine, run_dir / "generate", "generate"))
+        pool = _Pool(completions=generate_task(spec, cells, engine, run_dir / "generate", "generate", 0))
         pool = _process(spec, pool, engine, references, known)
         rounds.append(_round_row(0, cells, pool.completions, pool))
         stop_reason: str | None = None  # set where a bound stops the rounds; otherwise derived below
@@ -206,7 +223,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
             top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
             plans.append(top_up)
             label = f"top-up {round_no}/{spec.rebalance.top_up_rounds}"
-            new = generate_task(spec, top_up, engine, run_dir / "generate" / f"topup-{round_no:02d}", label)
+            new = generate_task(spec, top_up, engine, run_dir / "generate" / f"topup-{round_no:02d}", label, round_no)
             pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
             rounds.append(_round_row(round_no, top_up, new, pool))
         if stop_reason is None:
@@ -270,7 +287,12 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
     )
     progress.report("report", 1, 1, str(run_dir / "report.md"))
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
-    dataset_dir = publish_task(spec, balanced.kept, report, run_dir, run_dir / dataset_folder_name(spec.name, run_id))
+    dataset_dir = run_dir / dataset_folder_name(spec.name, run_id)
+    if resumed and dataset_dir.is_dir():
+        # Published whole (atomic rename) by this same run before it died, but never marked finished: the rows
+        # now are the same (per-shard seeds), so publish them again in its place.
+        shutil.rmtree(dataset_dir)
+    dataset_dir = publish_task(spec, balanced.kept, report, run_dir, dataset_dir)
     progress.report("publish", 1, 1, str(dataset_dir))
     write_reference(
         run_dir / "reference", balanced.kept["record_id"].to_list(), balanced.kept["text"].to_list(),
@@ -288,6 +310,7 @@ def build_dataset(spec_path: str, run_id: str | None = None, output_root: str | 
         target_size=spec.target_size,
         counts=counts,
         usage=usage,
+        resumed=resumed,
     )
-    (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
     return result.to_dict()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from polyculture.flows.build_dataset import new_run_id
+from polyculture.stages.runs import new_run_id
 from polyculture.flows.common import embed_task, load_engine
 from prefect import flow, task
 from prefect.cache_policies import NONE

@@ -76,6 +76,22 @@ def test_transformers_same_seed_same_samples():
     assert [c.text for c in a[0]] == [c.text for c in b[0]]
 
 
+def _check_call_seed(engine: Engine) -> None:
+    """A call's own seed gives the same samples whatever ran before it, and leaves the engine's stream alone."""
+    seeded = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=1234)
+    first = [c.text for c in engine.generate([NUMBER_ONLY, ASK], seeded)[0]]
+    engine.generate([NUMBER_ONLY], SamplingParams(temperature=1.0, max_tokens=12, n=2))  # moves the engine's stream
+    again = [c.text for c in engine.generate([NUMBER_ONLY, ASK], seeded)[0]]
+    assert again == first
+    other = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=4321)
+    samples = {tuple(c.text for c in engine.generate([NUMBER_ONLY, ASK], other)[0]) for _ in range(2)}
+    assert len(samples) == 1 and samples != {tuple(first)}  # another seed, other samples (3 of them at T=1)
+
+
+def test_transformers_call_seed(tf_engine):
+    _check_call_seed(tf_engine)
+
+
 def test_transformers_sequence_logprobs(tf_engine):
     scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
     assert len(scores) == 10 and all(s < 0 for s in scores)
@@ -98,6 +114,7 @@ def test_vllm_engine(tf_engine):
         assert [len(row) for row in out] == [2, 2, 2]
         assert all(1 <= c.completion_tokens <= 8 for row in out for c in row)
         _check_constrained(engine)
+        _check_call_seed(engine)
         # the two engines are independent implementations of the same quantity: bf16 vs fp32 agree closely
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         tf_scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)

@@ -19,6 +19,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 512
     n: int = 1
+    # The sampling stream of this one call: the same seed and the same conversations give the same completions,
+    # whatever ran before (resume regenerates a missing shard exactly). None: continue the engine's own stream.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

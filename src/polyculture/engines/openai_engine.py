@@ -23,6 +23,8 @@ runs an event loop of its own (Prefect runs tasks in worker threads; notebooks a
   rewinds the request's generator) raised `CPU Generator does not use offset` in the worker, and the whole server
   exited (EngineDeadError). One fixed seed on every request would also make a repeated prompt (a top-up round) return
   the very same samples. The server's own `--seed` decides reproducibility; `seed` is kept on the engine for the record.
+  For the same reason a call's `SamplingParams.seed` (per-shard seeds, for exact resume) is not sent either: a shard
+  regenerated after a crash is a fresh sample from the server, not a copy of what the crashed run would have written.
 - The API key comes from the environment variable named by `api_key_env` ("EMPTY" when unset) and is never written
   into an error message or a log line.
 """

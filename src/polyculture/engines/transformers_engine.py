@@ -71,20 +71,27 @@ class TransformersEngine:
                 self._cuda_rng_state = torch.cuda.get_rng_state(self._device.index)
 
     @contextmanager
-    def _inference(self) -> Iterator[None]:
-        """Eval mode, no autograd and the engine's own RNG stream; the model's mode is restored afterwards."""
+    def _inference(self, seed: int | None = None) -> Iterator[None]:
+        """Eval mode, no autograd and the engine's own RNG stream; the model's mode is restored afterwards.
+
+        With a seed, the call draws from a fresh stream of that seed and the engine's own stream is left where it was.
+        """
         was_training = self.model.training
         cuda = [self._device.index] if self._cuda_rng_state is not None else []
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=cuda), torch.inference_mode():
-                torch.set_rng_state(self._rng_state)
-                if self._cuda_rng_state is not None:
-                    torch.cuda.set_rng_state(self._cuda_rng_state, self._device.index)
+                if seed is not None:
+                    torch.manual_seed(seed)  # inside fork_rng: CPU and the forked CUDA device, restored on exit
+                else:
+                    torch.set_rng_state(self._rng_state)
+                    if self._cuda_rng_state is not None:
+                        torch.cuda.set_rng_state(self._cuda_rng_state, self._device.index)
                 yield
-                self._rng_state = torch.get_rng_state()
-                if self._cuda_rng_state is not None:
-                    self._cuda_rng_state = torch.cuda.get_rng_state(self._device.index)
+                if seed is None:
+                    self._rng_state = torch.get_rng_state()
+                    if self._cuda_rng_state is not None:
+                        self._cuda_rng_state = torch.cuda.get_rng_state(self._device.index)
         finally:
             self.model.train(was_training)
 
@@ -113,7 +120,7 @@ class TransformersEngine:
     ) -> list[list[Completion]]:
         if not conversations:
             return []
-        with self._inference():
+        with self._inference(params.seed):
             return self._generate(conversations, params, json_schema)
 
     def _generate(

@@ -112,9 +112,18 @@ class VLLMEngine:
     ) -> list[list[Completion]]:
         if not conversations:
             return []
-        outputs = self.llm.chat(
-            conversations, self._params(params, json_schema), use_tqdm=False, lora_request=self.lora
-        )
+        sampling: Any = self._params(params, json_schema)
+        if params.seed is not None:
+            if _per_request_seeds():
+                # GPU: each request its own generator, seeded from the call's seed and its position.
+                sampling = [
+                    self._params(params, json_schema, seed=(params.seed + i) % 2**63) for i in range(len(conversations))
+                ]
+            else:
+                # CPU: per-request generators crash the engine (STACK.md); reset the workers' global stream instead.
+                # Same seed + same requests in the same order = same samples: this is what makes resume exact.
+                self.llm.collective_rpc(_seed_worker, args=(params.seed,))
+        outputs = self.llm.chat(conversations, sampling, use_tqdm=False, lora_request=self.lora)
         results: list[list[Completion]] = []
         for out in outputs:
             prompt_tokens = len(out.prompt_token_ids or [])
@@ -161,6 +170,19 @@ class VLLMEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _per_request_seeds() -> bool:
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+def _seed_worker(worker: Any, seed: int) -> None:
+    """Runs on every vLLM worker (collective_rpc): the CPU sampler draws from torch's default generator."""
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def _lora_args(model: ResolvedModel) -> dict[str, Any]:

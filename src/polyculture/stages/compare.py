@@ -180,7 +180,11 @@ def generate_within_budget(
         extra = allocate_prompts(weights, assigned, size)
         assigned = [a + e for a, e in zip(assigned, extra, strict=True)]
         round_cells = cells.with_columns(pl.Series("n_prompts", extra, dtype=pl.Int64))
-        frame = generate(spec, round_cells, engine, method, Path(shard_dir) / f"round-{number:03d}")
+        # Rounds repeat the same prompts: each round its own seeds, or it would repeat the same samples too.
+        frame = generate(
+            spec, round_cells, engine, method, Path(shard_dir) / f"round-{number:03d}",
+            seed_key=f"compare-{method.name}-round-{number:03d}",
+        )  # fmt: skip
         frame = frame.with_columns(pl.lit(number, dtype=pl.Int64).alias("round"))
         rounds.append(frame)
         tokens = int(frame["completion_tokens"].sum()) if frame.height else 0

@@ -8,6 +8,7 @@ and all turns of a batch go into the batch's one shard, so resume stays per batc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +81,12 @@ def generation_schema(spec: BuildSpec) -> dict[str, Any]:
     }
 
 
+def shard_seed(seed: int, seed_key: str, shard: int, turn: int) -> int:
+    """The sampling seed of one shard's turn: a hash, so neighbouring shards get unrelated streams."""
+    digest = hashlib.sha256(f"{seed}|{seed_key}|{shard}|{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # < 2**63: fits every engine's seed type
+
+
 def _batches(items: list[PromptRequest], size: int) -> Iterator[tuple[int, list[PromptRequest]]]:
     for shard, start in enumerate(range(0, len(items), size)):
         yield shard, items[start : start + size]
@@ -92,10 +99,15 @@ def generate(
     method: Method,
     shard_dir: Path,
     on_batch: Callable[[int, int], None] | None = None,
+    *,
+    seed_key: str = "round-00",
 ) -> pl.DataFrame:
     """All completions of the plan, one row per completion and turn. A shard already on disk is read back, not
     regenerated (resume after a crash).
 
+    Each shard samples from its own seed (spec.seed, `seed_key`, shard, turn: see `shard_seed`), so a shard
+    regenerated after a crash is the one an uninterrupted run would have written (engines that honour per-call
+    seeds: transformers, vllm). `seed_key` names the generation round (top-up rounds differ).
     `on_batch(done_prompts, total_prompts)` is called after each batch (all its turns), for progress displays.
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +130,8 @@ def generate(
             frames.append(_upgrade(pl.read_parquet(path), method).select(columns))
         else:
             started = time.perf_counter()
-            rows = _run_batch(spec, batch, engine, method, schemas, params)
+            seeds = [shard_seed(spec.seed, seed_key, shard, turn) for turn in range(len(schemas))]
+            rows = _run_batch(spec, batch, engine, method, schemas, params, seeds)
             frame = _completions_frame(rows, spec)
             # Shard-level timing (all turns), repeated on each of the shard's rows: sum it once per shard.
             frame = frame.with_columns(
@@ -150,19 +163,20 @@ def _run_batch(
     method: Method,
     schemas: list[dict[str, Any]],
     params: SamplingParams,
+    seeds: list[int],
 ) -> list[dict[str, Any]]:
     """The rows of one batch, thread by thread (prompt, sample), turn after turn within a thread."""
     turns = len(schemas)
     conversations: list[Conversation] = [method.conversation(r.user, r.system) for r in batch]
-    outputs = engine.generate(conversations, params, json_schema=schemas[0])
+    outputs = engine.generate(conversations, replace(params, seed=seeds[0]), json_schema=schemas[0])
     threads: list[_Thread] = []
     rows: list[list[dict[str, Any]]] = []
     for request, conversation, completions in zip(batch, conversations, outputs, strict=True):
         for sample_index, completion in enumerate(completions):
             threads.append(_Thread(request, sample_index, conversation, completion.text))
             rows.append([_row(spec, engine, method, threads[-1], 0, turns, completion)])
-    follow_params = replace(params, n=1)
     for turn in range(1, turns):
+        follow_params = replace(params, n=1, seed=seeds[turn])
         follow_up = {"role": "user", "content": method.follow_up(turn)}
         for thread in threads:
             thread.conversation = [*thread.conversation, {"role": "assistant", "content": thread.answer}, follow_up]

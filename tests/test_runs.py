@@ -1,0 +1,59 @@
+"""Run folders: which unfinished run a re-run resumes, one live build per folder, no mixing of two specs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import small_spec_dict
+
+from polyculture.spec import parse_spec
+from polyculture.stages.runs import RESULT_FILE, RunBusy, hold_run, new_run_id, unfinished_runs
+
+
+def _spec(spec_dir, **overrides):
+    return parse_spec(small_spec_dict(**overrides), base_dir=spec_dir)
+
+
+def test_a_dead_unfinished_run_of_the_same_spec_is_found_newest_first(spec_dir, tmp_path):
+    spec, other = _spec(spec_dir), _spec(spec_dir, seed=99)
+    root = tmp_path / "runs"
+    for run_id in ("old", "new"):
+        with hold_run(root / run_id, spec) as resumed:
+            assert resumed is False
+    with hold_run(root / "finished", spec):
+        (root / "finished" / RESULT_FILE).write_text("{}")
+    with hold_run(root / "other-spec", other):
+        pass
+    (root / "stray").mkdir()  # no run.json: not a run of ours
+    (root / "damaged").mkdir()
+    (root / "damaged" / "run.json").write_text("{not json")
+
+    found = unfinished_runs(root, spec)
+    assert found[0] == "new" and set(found) == {"old", "new"}  # started later: first
+    assert unfinished_runs(root, other) == ["other-spec"]
+    assert unfinished_runs(tmp_path / "nothing-here", spec) == []
+    assert new_run_id(spec).endswith(spec.fingerprint()[:8])
+
+
+def test_a_live_build_holds_its_folder(spec_dir, tmp_path):
+    spec = _spec(spec_dir)
+    run_dir = tmp_path / "runs" / "r1"
+    with hold_run(run_dir, spec):
+        assert unfinished_runs(run_dir.parent, spec) == []  # busy: never offered for resume
+        with pytest.raises(RunBusy, match="in use by another build"):
+            with hold_run(run_dir, spec):
+                pass
+    assert unfinished_runs(run_dir.parent, spec) == ["r1"]  # released: offered
+    with hold_run(run_dir, spec) as resumed:
+        assert resumed is True
+    assert json.loads((run_dir / "run.json").read_text())["fingerprint"] == spec.fingerprint()
+
+
+def test_a_folder_of_another_spec_is_refused(spec_dir, tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    with hold_run(run_dir, _spec(spec_dir)):
+        pass
+    with pytest.raises(RunBusy, match="different spec"):
+        with hold_run(run_dir, _spec(spec_dir, target_size=5)):
+            pass
