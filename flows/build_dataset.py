@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,13 @@ from polyculture.spec import BuildSpec, load_spec
 from polyculture.stages.dedup import dedup
 from polyculture.stages.extract import extract_attributes
 from polyculture.stages.generate import generate
+from polyculture.stages.hub import HubError, push_dataset
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import dataset_folder_name, publish_local
 from polyculture.stages.rebalance import rebalance
 from polyculture.stages.reference import Reference, load_reference, locate_reference, write_reference
 from polyculture.stages.report import write_report
+from polyculture.stages.report_reference import load_report_reference
 from polyculture.stages.files import write_text_atomic
 from polyculture.stages.runs import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
@@ -44,12 +46,14 @@ class BuildResult:
     dataset_dir: str
     report_json: str
     report_md: str
+    report_html: str
     plots: list[str]
     records: int
     target_size: int
     counts: dict[str, int]
     usage: dict[str, float]
     resumed: bool = False
+    hub: dict[str, Any] | None = None  # the push (publish.hub.push_on_build): repo, commit, tag
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +199,8 @@ def _build(
         for folder in spec.dedup.reference
     ]
 
+    # Read now, so a bad report.reference path or column fails before any model time is spent.
+    report_reference = load_report_reference(spec)
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
     engine, load_seconds = load_engine(spec)
@@ -266,6 +272,7 @@ def _build(
         "generated_tokens_per_second": round(generated_tokens / generation_seconds, 1) if generation_seconds else 0.0,
         "engine_load_seconds": round(load_seconds, 2),
     }
+    reference_embeddings = embed_task(spec, report_reference["text"].to_list()) if report_reference is not None else None
     report_task = task(name="report", cache_policy=NONE)(write_report)
     report = report_task(
         spec,
@@ -284,6 +291,8 @@ def _build(
         cells=cells_out,
         usage=usage | {"wall_seconds": round(time.perf_counter() - wall_started, 2)},
         out_dir=run_dir,
+        reference=report_reference,
+        reference_embeddings=reference_embeddings,
     )
     progress.report("report", 1, 1, str(run_dir / "report.md"))
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
@@ -305,6 +314,7 @@ def _build(
         dataset_dir=str(dataset_dir),
         report_json=str(run_dir / "report.json"),
         report_md=str(run_dir / "report.md"),
+        report_html=str(run_dir / "report.html"),
         plots=sorted(str(p) for p in (run_dir / "plots").glob("*.png")),
         records=balanced.kept.height,
         target_size=spec.target_size,
@@ -313,4 +323,17 @@ def _build(
         resumed=resumed,
     )
     write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
+    hub = spec.publish.hub
+    if hub is not None and hub.push_on_build:
+        # After result.json: a failed push leaves a finished run that `polyculture publish RUN_DIR` retries.
+        # The token is resolved inside push_dataset, never passed as a task parameter (Prefect records those).
+        try:
+            pushed = task(name="push", cache_policy=NONE, retries=0)(push_dataset)(dataset_dir, hub, run_id=run_id)
+        except HubError as exc:
+            raise type(exc)(
+                f"the dataset was built in {run_dir}, but the push failed: {exc}\n"
+                f"retry with `polyculture publish {run_dir}`"
+            ) from None
+        result = replace(result, hub=pushed.to_dict())
+        write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
     return result.to_dict()

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import polars as pl
 import yaml
 from conftest import small_spec_dict
+from hub_server import HubServer
+from huggingface_hub import constants
 from polyculture.flows.build_dataset import build_dataset
 
+ALICE = "hf_aliceFLOWTOKEN0123456789SECRET"
 
-def test_build_dataset_end_to_end(spec_dir, tmp_path, prefect_server):
+
+def test_build_dataset_end_to_end(spec_dir, tmp_path, prefect_server, monkeypatch):
+    """... and pushed to a Hub (the local stand-in) at the end of the build, tagged with the run id."""
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # plain LFS uploads: the stand-in speaks no Xet
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    hub = HubServer({ALICE: "alice"})
     spec = small_spec_dict(
         method={"name": "vs_standard", "k": 3},
         sampling={"max_tokens": 400, "n": 1},
         target_size=4,
         generation={"oversample": 2.0},
         rebalance={"top_up_rounds": 0},
+        publish={"hub": {"repo_id": "alice/tiny-bios", "endpoint": hub.url, "push_on_build": True}},
     )
     spec_path = spec_dir / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    result = build_dataset(str(spec_path), run_id="run-1", output_root=str(tmp_path / "out"))
+    with hub:
+        result = build_dataset(str(spec_path), run_id="run-1", output_root=str(tmp_path / "out"))
+        pushed = hub.files("alice/tiny-bios", "run-1")  # the run's tag
+    pushed.pop(".gitattributes", None)  # the Hub's own file of a new repo
+    assert result["hub"]["tag"] == "run-1" and result["hub"]["repo_id"] == "alice/tiny-bios"
+    published = Path(result["dataset_dir"])
+    assert pushed == {p.relative_to(published).as_posix(): p.read_bytes() for p in published.rglob("*") if p.is_file()}
+    assert json.loads((tmp_path / "out" / "tiny-bios" / "run-1" / "result.json").read_text())["hub"] == result["hub"]
 
     run_dir = tmp_path / "out" / "tiny-bios" / "run-1"
     assert result["run_dir"] == str(run_dir)
@@ -36,7 +53,10 @@ def test_build_dataset_end_to_end(spec_dir, tmp_path, prefect_server):
     for name in ("spec.yaml", "plan.parquet", "validated.parquet", "rejects.parquet", "cells.parquet",
                  "dedup_clusters.parquet", "report.json", "report.md", "result.json"):  # fmt: skip
         assert (run_dir / name).is_file(), name
-    assert len(result["plots"]) == 1 and result["plots"][0].endswith(".png")
+    assert {Path(p).name for p in result["plots"]} == {"attribute_occupation.png", "similarity.png", "embedding_map.png"}
+    html = Path(result["report_html"]).read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+    assert (published / "report.html").read_text() == html
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["counts"]["final"] == result["records"]

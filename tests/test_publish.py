@@ -13,8 +13,8 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
-import polyculture.stages.publish as publish
 from polyculture.spec import BuildSpec, parse_spec
+from polyculture.stages import publish
 from polyculture.stages.publish import PublishError, dataset_folder_name, publish_local, size_category
 from polyculture.stages.rejects import rejects_frame
 from polyculture.stages.report import write_report
@@ -35,21 +35,23 @@ COLUMNS = ["name", "birth_year", "height_m", "job", "tags", "bio", "_record_id",
            "_verbalized_probability"]  # fmt: skip
 
 
-def make_spec(tmp_path: Path) -> BuildSpec:
+def spec_dict(**overrides: Any) -> dict[str, Any]:
+    return {
+        "name": "people",
+        "description": "Tiny fictional people, balanced over jobs.",
+        "prompt": {"template": "Describe a {{ job }}."},
+        "record": {"schema": "person.schema.json", "text_field": "bio"},
+        "attributes": [{"name": "job", "values": ["doctor", "teacher"]}],
+        "target_size": 3,
+        "method": {"name": "vs_standard", "k": 4},
+        "sampling": {"temperature": 0.9, "n": 2},
+        **overrides,
+    }
+
+
+def make_spec(tmp_path: Path, **overrides: Any) -> BuildSpec:
     (tmp_path / "person.schema.json").write_text(json.dumps(SCHEMA))
-    return parse_spec(
-        {
-            "name": "people",
-            "description": "Tiny fictional people, balanced over jobs.",
-            "prompt": {"template": "Describe a {{ job }}."},
-            "record": {"schema": "person.schema.json", "text_field": "bio"},
-            "attributes": [{"name": "job", "values": ["doctor", "teacher"]}],
-            "target_size": 3,
-            "method": {"name": "vs_standard", "k": 4},
-            "sampling": {"temperature": 0.9, "n": 2},
-        },
-        base_dir=tmp_path,
-    )
+    return parse_spec(spec_dict(**overrides), base_dir=tmp_path)
 
 
 def final_frame() -> pl.DataFrame:
@@ -123,28 +125,81 @@ def test_publish_loads_with_datasets(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["people"]  # no staging folder left
 
 
-def test_card_yaml_and_body(tmp_path: Path) -> None:
+def _front_matter(readme: Path) -> dict[str, Any]:
+    text = readme.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_yaml_defaults_and_body(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     report, rdir = report_dir(tmp_path)
     out = publish_local(spec, final_frame(), report, rdir, tmp_path / "people")
-    text = (out / "README.md").read_text()
-    assert text.startswith("---\n")
-    meta = yaml.safe_load(text.split("---\n")[1])
-    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
-    assert meta["license"] == "other"
-    assert meta["pretty_name"] == "people"
-    assert meta["size_categories"] == ["n<1K"]
-    assert meta["task_categories"] == ["text-generation"]
-    assert meta["tags"] == ["synthetic", "polyculture"]
+    meta = _front_matter(out / "README.md")
+    assert meta == {
+        "annotations_creators": ["machine-generated"],
+        "language_creators": ["machine-generated"],
+        "language": ["en"],
+        "license": "other",
+        "multilinguality": "monolingual",
+        "size_categories": ["n<1K"],
+        "source_datasets": ["original"],
+        "task_categories": ["text-generation"],
+        "pretty_name": "people",
+        "tags": ["synthetic", "polyculture", "verbalized-sampling"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+    }
     card = DatasetCard.load(out / "README.md")
-    assert card.data.to_dict()["configs"] == meta["configs"]
+    assert card.data.to_dict() == meta  # what huggingface_hub reads back is what was meant
     body = card.text
     assert "Tiny fictional people, balanced over jobs." in body
     assert "smollm2-135m-instruct" in body and "vllm" in body
     assert "Verbalized Sampling, k=4" in body and "temperature 0.9" in body
     assert "| semantic diversity after | 41.250 |" in body
+    assert "## Diversity by stage" not in body  # this report has no per-stage figures
+    assert 'load_dataset("path/or/repo_id", split="train")' in body
     assert "## Diversity report: people" in body  # report.md embedded, headings demoted under the card title
     assert "![job](plots/attribute_job.png)" in body
+
+
+def test_card_metadata_follows_the_spec(tmp_path: Path) -> None:
+    spec = make_spec(
+        tmp_path,
+        method={"name": "direct"},
+        prompt={"template": "Describe a {{ job }}. Answer as ```json``` only."},  # a fence inside the spec
+        publish={
+            "license": "cc-by-4.0",
+            "language": ["en", "fr"],
+            "task_categories": ["text-generation", "question-answering"],
+            "tags": ["biographies", "synthetic"],
+            "hub": {"repo_id": "alice/people"},
+        },
+    )
+    report, rdir = report_dir(tmp_path)
+    report["diversity"] = {
+        "before": {"rows": 9, "distinct_2": 0.5, "semantic_diversity": 30.0},
+        "after": {"rows": 3, "distinct_2": 0.75, "semantic_diversity": 41.25},
+    }
+    out = publish_local(spec, final_frame(), report, rdir, tmp_path / "people")
+    meta = _front_matter(out / "README.md")
+    assert meta["license"] == "cc-by-4.0"
+    assert meta["language"] == ["en", "fr"] and meta["multilinguality"] == "multilingual"
+    assert meta["task_categories"] == ["text-generation", "question-answering"]
+    assert meta["tags"] == ["synthetic", "polyculture", "biographies"]  # no duplicate, no VS tag for direct
+    assert DatasetCard.load(out / "README.md").data.to_dict() == meta
+
+    body = DatasetCard.load(out / "README.md").text
+    assert 'load_dataset("alice/people", split="train")' in body
+    assert "| stage | rows | distinct 2 | semantic diversity |" in body
+    assert "| before | 9 | 0.500 | 30.000 |" in body and "| after | 3 | 0.750 | 41.250 |" in body
+    # The spec block is the resolved spec, parseable back to the same values; the record schema follows it.
+    spec_block = body.split("````yaml\n")[1].split("\n````")[0]
+    assert yaml.safe_load(spec_block) == spec.model_dump(mode="json", by_alias=True)
+    schema_block = body.split("```json\n")[1].split("\n```")[0]
+    assert json.loads(schema_block) == SCHEMA
+    # Still a dataset folder `datasets` loads, YAML additions and all.
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert ds.num_rows == 3 and ds.column_names == COLUMNS
 
 
 def test_refuses_non_empty_folder_and_accepts_empty_one(tmp_path: Path) -> None:
@@ -232,7 +287,9 @@ def test_two_runs_load_their_own_rows(tmp_path: Path) -> None:
     report, rdir = report_dir(tmp_path)
     cache = str(tmp_path / "hf-cache")
     first = publish_local(spec, final_frame(), report, rdir, tmp_path / "a" / dataset_folder_name("people", "run-1"))
-    second = publish_local(spec, final_frame()[:1], report, rdir, tmp_path / "b" / dataset_folder_name("people", "run-2"))
+    second = publish_local(
+        spec, final_frame()[:1], report, rdir, tmp_path / "b" / dataset_folder_name("people", "run-2")
+    )
     assert first.name != second.name
     assert datasets.load_dataset(str(first), split="train", cache_dir=cache).num_rows == 3
     assert datasets.load_dataset(str(second), split="train", cache_dir=cache).num_rows == 1

@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from polyculture.spec import BuildSpec, parse_spec
+from polyculture.spec import BuildSpec, SpecError, parse_spec
 from polyculture.stages.report import write_report
+from polyculture.stages.report_reference import load_report_reference
 
 SCHEMA = {
     "type": "object",
@@ -27,7 +28,7 @@ SCHEMA = {
 }
 
 
-def make_spec(tmp_path: Path) -> BuildSpec:
+def make_spec(tmp_path: Path, **extra: Any) -> BuildSpec:
     (tmp_path / "person.schema.json").write_text(json.dumps(SCHEMA))
     return parse_spec(
         {
@@ -41,6 +42,7 @@ def make_spec(tmp_path: Path) -> BuildSpec:
             ],
             "target_size": 5,
             "seed": 3,
+            **extra,
         },
         base_dir=tmp_path,
     )
@@ -92,7 +94,13 @@ def run_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
             "reason": ["unparseable", "unparseable", "schema_violation"],
             "detail": ["no JSON found: hello", "no JSON found: hi", "age: 'x' | is not of type 'integer'"],
         },
-        schema={"record_id": pl.String, "call_id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String},
+        schema={
+            "record_id": pl.String,
+            "call_id": pl.String,
+            "stage": pl.String,
+            "reason": pl.String,
+            "detail": pl.String,
+        },
     )
     cells = pl.DataFrame(
         {
@@ -146,6 +154,25 @@ def test_report_files_and_figures(tmp_path: Path) -> None:
     assert before["distinct_1"] == pytest.approx(8 / 12) and before["distinct_2"] == pytest.approx(4 / 6)
     assert loaded["headline"]["semantic_diversity_after"] == pytest.approx(100.0)
     assert loaded["headline"]["records"] == 4 and loaded["headline"]["short_cells"] == 1
+    assert loaded["diversity"]["after_dedup"] is None  # no pool given
+    # Vendi: 4 orthogonal records count as 4; three copies of e0 plus e1..e3 as sqrt(12) (kernel eigenvalues 3,1,1,1).
+    assert after["vendi_score"] == pytest.approx(4.0) and before["vendi_score"] == pytest.approx(12**0.5)
+    assert loaded["headline"]["vendi_score_after"] == pytest.approx(4.0)
+    # Self-BLEU: final texts share no word (0); before, the three "a b" copies score sqrt(0.1) each (1-, 2-grams
+    # match, 3- and 4-grams smoothed to 0.1), the other three 0.
+    assert after["self_bleu"] == 0.0 and before["self_bleu"] == pytest.approx(3 * 0.1**0.5 / 6)
+    assert before["compression_ratio"] > 0 and after["compression_ratio"] > 0
+    assert after["near_duplicate_share"] == 0.0 and before["near_duplicate_share"] == pytest.approx(0.5)
+    assert after["mean_nearest_neighbour_similarity"] == pytest.approx(0.0)
+    # Call ids "c0".."c5" name no prompt: every record is its own individual, so conceptual diversity is undefined.
+    assert after["conceptual"]["internal_variability"] is None and "at least 2 prompts" in after["conceptual"]["reason"]
+    # VS method (the spec's default): calibration over the records with a probability (odd rows), keyed by mood.
+    calib = after["calibration"]
+    assert calib["keyed_by"] == "mood" and (calib["calls"], calib["items"]) == (2, 2)
+    assert calib["raw_sum"]["mean"] == pytest.approx(0.2)
+    assert {v["value"] for v in calib["per_value"]} == {"happy", "(missing)"}
+    assert loaded["monoculture"] is None
+    assert loaded["attributes"]["job"]["after"]["js_bits"] is not None
 
     job = loaded["attributes"]["job"]
     assert job["source"] == "prompt"
@@ -180,6 +207,16 @@ def test_report_markdown_and_plots(tmp_path: Path) -> None:
     assert "plots/attribute_mood.png" in md
     assert "job=teacher" in md and "not enough valid candidates" in md
     assert "age: 'x' \\| is not of type" in md  # pipes in details cannot break the table
+    assert "| metric | validated | final |" in md  # no pool: no after-dedup column
+    assert "| Vendi score (effective number of distinct records in the sample) | 3.5 | 4.0 |" in md
+    assert "Not computed: needs at least 2 prompts" in md
+    assert "![embedding map](plots/embedding_map.png)" in md
+    assert "![nearest-neighbour similarity per stage](plots/similarity.png)" in md
+    for figure in ("similarity", "embedding_map"):
+        assert report["figures"][figure] == f"plots/{figure}.png"
+        assert (out_dir / "plots" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out_dir / "report.html").read_text()
+    assert "Diversity report: people" in html and html.count('src="data:image/png;base64,') == 4
     for name in ("job", "mood"):
         png = out_dir / "plots" / f"attribute_{name}.png"
         assert report["plots"][name] == f"plots/attribute_{name}.png"
@@ -197,3 +234,113 @@ def test_report_refuses_misaligned_embeddings(tmp_path: Path) -> None:
             spec, run_id="r", counts={}, validated=frame, validated_embeddings=np.eye(3), final=frame,
             final_embeddings=np.eye(4), rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={}, out_dir=tmp_path / "o",
         )  # fmt: skip
+
+
+def write_reference_file(tmp_path: Path) -> None:
+    rows = [
+        {"review": "a b", "feeling": "happy"},
+        {"review": "q r", "feeling": "sad"},
+        {"review": "s t", "feeling": "angry"},
+        {"review": "u v", "feeling": "calm"},
+        {"review": "", "feeling": "calm"},  # no text: left out
+    ]
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_three_stages_reference_and_tsne_map(tmp_path: Path) -> None:
+    write_reference_file(tmp_path)
+    reference_spec = {"path": "reviews.jsonl", "text_field": "review", "fields": {"mood": "feeling"}}
+    spec = make_spec(tmp_path, report={"reference": reference_spec, "map": "tsne", "sample": 10})
+    validated = records(VALIDATED_ROWS)
+    final_emb = np.eye(4, dtype=np.float32)
+    validated_emb = np.vstack([final_emb, final_emb[:1], final_emb[:1]])
+    reference = load_report_reference(spec)
+    assert reference is not None and reference.height == 4 and reference.columns == ["text", "mood"]
+    reference_emb = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    out_dir = tmp_path / "run"
+    report = write_report(
+        spec, run_id="r3", counts={"valid": 6, "after_semantic_dedup": 5, "final": 4}, validated=validated,
+        validated_embeddings=validated_emb, pool=validated.head(5), pool_embeddings=validated_emb[:5],
+        final=validated.head(4), final_embeddings=final_emb, rejects=pl.DataFrame(), cells=pl.DataFrame(),
+        usage={}, out_dir=out_dir, reference=reference, reference_embeddings=reference_emb,
+    )  # fmt: skip
+
+    stages = report["diversity"]
+    assert [stages[k]["rows"] for k in ("before", "after_dedup", "after")] == [6, 5, 4]
+    # The pool is e0, e1, e2, e3, e0: 1 of 10 pairs identical -> semantic diversity 90.
+    assert stages["after_dedup"]["semantic_diversity"] == pytest.approx(90.0)
+
+    mono = report["monoculture"]
+    assert mono["reference"]["rows"] == 4 and mono["reference"]["path"] == "reviews.jsonl"
+    assert mono["reference"]["attributes"]["mood"]["entropy_bits"] == pytest.approx(2.0)  # 4 moods, once each
+    final_mood = mono["stages"]["after"]["attributes"]["mood"]
+    h = -(2 / 3 * np.log2(2 / 3) + 1 / 3 * np.log2(1 / 3))  # happy, happy, sad (the null left out)
+    assert final_mood["generated"]["entropy_bits"] == pytest.approx(h)
+    assert final_mood["entropy_ratio"] == pytest.approx(h / 2.0) and final_mood["narrower"] is True
+    ref_div = mono["reference"]["text"]["semantic_diversity"]
+    assert mono["stages"]["after"]["text"]["semantic_diversity"] == pytest.approx(100.0)
+    assert mono["stages"]["after"]["text"]["semantic_diversity_ratio"] == pytest.approx(100.0 / ref_div)
+
+    assert report["figures"] == {"similarity": "plots/similarity.png", "embedding_map": "plots/embedding_map.png"}
+    with Image.open(out_dir / "plots" / "embedding_map.png") as image:
+        assert image.width > 1000  # two panels: by fate and by the first attribute
+    md = (out_dir / "report.md").read_text()
+    assert "| metric | validated | after dedup | final |" in md
+    assert "## Against the reference dataset (monoculture)" in md
+    assert "| final | 0.92 | 2 | happy (67%) | 0.46x |" in md
+
+
+def test_report_survives_empty_and_single_record_stages(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    one = records(FINAL_ROWS[:1])
+    for final, final_emb in ((one.head(0), np.zeros((0, 4))), (pl.DataFrame(), np.zeros((0, 384)))):
+        out_dir = tmp_path / f"run-{final.width}"
+        report = write_report(
+            spec, run_id="r", counts={}, validated=one, validated_embeddings=np.eye(4)[:1], final=final,
+            final_embeddings=final_emb, rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={}, out_dir=out_dir,
+        )  # fmt: skip
+        after, before = report["diversity"]["after"], report["diversity"]["before"]
+        assert after["rows"] == 0 and after["vendi_score"] is None and after["self_bleu"] is None
+        assert after["compression_ratio"] is None and after["calibration"] is None
+        assert before["rows"] == 1 and before["vendi_score"] == pytest.approx(1.0) and before["self_bleu"] is None
+        assert before["conceptual"]["reason"]
+        assert report["figures"] == {"similarity": None, "embedding_map": None}
+        assert report["attributes"]["job"]["after"]["n"] == 0
+        json.loads((out_dir / "report.json").read_text(), parse_constant=_no_constants)
+        assert "Too few records to draw" in (out_dir / "report.html").read_text()
+
+
+def test_load_report_reference_samples_and_refuses_bad_columns(tmp_path: Path) -> None:
+    assert load_report_reference(make_spec(tmp_path)) is None
+    pl.DataFrame({"review": [f"text {i}" if i % 10 else None for i in range(40)], "feeling": ["happy"] * 40}).write_csv(
+        tmp_path / "reviews.csv"
+    )
+    spec = make_spec(
+        tmp_path,
+        report={
+            "reference": {"path": "reviews.csv", "text_field": "review", "fields": {"mood": "feeling"}, "max_rows": 10}
+        },
+    )
+    sampled = load_report_reference(spec)
+    assert sampled is not None and sampled.height == 10 and sampled.columns == ["text", "mood"]
+    assert sampled["text"].null_count() == 0 and sampled.equals(load_report_reference(spec))  # seeded
+
+    folder = tmp_path / "published"
+    (folder / "data").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for name, n in (("data/a.parquet", 3), ("data/b.parquet", 2), (".cache/x.parquet", 5)):
+        pl.DataFrame({"text": [f"{name} {i}" for i in range(n)]}).write_parquet(folder / name)
+    from_folder = load_report_reference(make_spec(tmp_path, report={"reference": {"path": "published"}}))
+    assert from_folder is not None and from_folder.height == 5  # hidden folders skipped
+
+    bad = {
+        "report.reference.text_field: .* has no column 'body'": {"path": "reviews.csv", "text_field": "body"},
+        r"report.reference.fields.mood: .* has no column 'tone'": {
+            "path": "reviews.csv", "text_field": "review", "fields": {"mood": "tone"}},
+        r"report.reference.fields: \['colour'\] are not attributes": {
+            "path": "reviews.csv", "text_field": "review", "fields": {"colour": "feeling"}},
+        "report.reference.path: .* does not exist": {"path": "missing.parquet"},
+    }  # fmt: skip
+    for message, reference in bad.items():
+        with pytest.raises(SpecError, match=message):
+            load_report_reference(make_spec(tmp_path, report={"reference": reference}))

@@ -21,9 +21,9 @@ POLYCULTURE = str(Path(sys.executable).parent / "polyculture")
 SHARD_WAIT_SECONDS = 600  # model load + temporary Prefect server + the first shards, on a busy 2-core machine
 
 
-def _build(spec_path: Path, out: Path, run_id: str) -> dict:
+def _build(spec_path: Path, out: Path, *options: str) -> dict:
     done = subprocess.run(
-        [POLYCULTURE, "build", str(spec_path), "--run-id", run_id, "--output-dir", str(out), "--json", "--quiet"],
+        [POLYCULTURE, "build", str(spec_path), *options, "--output-dir", str(out), "--json", "--quiet"],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -94,14 +94,16 @@ def test_killed_build_resumes_to_the_dataset_of_an_uninterrupted_build(spec_dir,
     assert 2 <= len(before) < round0_shards, f"killed with {len(before)} of {round0_shards} shards: not mid-generation"
     assert not (killed_dir / "result.json").exists()
 
-    resumed = _build(spec_path, out, "killed")
+    # The same command without a run id: the newest unfinished run of this spec is the one resumed.
+    resumed = _build(spec_path, out)
+    assert resumed["run_id"] == "killed" and resumed["resumed"] is True
     after = _shards(killed_dir)
     # Every shard finished before the kill is still the same file, untouched; the rest were generated now.
     assert {name: after[name] for name in before} == before
     assert len(after) >= round0_shards > len(before)
     assert not list(killed_dir.glob("generate/**/*.tmp"))
 
-    straight = _build(spec_path, out, "straight")
+    straight = _build(spec_path, out, "--run-id", "straight")
     straight_dir = out / "tiny-bios" / "straight"
     # Same completions, shard by shard, top-up rounds included ...
     assert _completions(killed_dir).equals(_completions(straight_dir))

@@ -129,28 +129,52 @@ class _RichReporter:
 def build(
     spec_path: SpecArg,
     run_id: Annotated[
-        str | None, typer.Option(help="Run folder name; reuse one to resume an interrupted build.")
+        str | None,
+        typer.Option(help="Run folder name (default: resume this spec's newest unfinished run, else a new one)."),
     ] = None,
     output_dir: Annotated[
         Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")
     ] = None,
+    new_run: Annotated[
+        bool, typer.Option("--new-run", help="Start a new run even when an unfinished run of this spec exists.")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
-    """Run the whole pipeline for SPEC and print where the dataset and its report are."""
+    """Run the whole pipeline for SPEC and print where the dataset and its report are.
+
+    A build that died (crash, kill -9) resumes when the same command runs again: finished shards are reused,
+    and each shard samples from its own seed, so the result equals an uninterrupted run (transformers, vllm).
+    """
     from polyculture import progress
     from polyculture.engines.base import EngineError
+    from polyculture.stages.hub import HubError
+    from polyculture.stages.runs import RunBusy
 
     spec = _load(spec_path)
     _check_models(spec)
+    hub = spec.publish.hub
+    if hub is not None and hub.push_on_build:
+        from polyculture.stages.hub import preflight
+
+        try:  # a bad token or a repo we cannot write fails now, not after the generation
+            preflight(hub)
+        except HubError as exc:
+            _fail(str(exc), exc.exit_code)
     from polyculture.flows.build_dataset import build_dataset
 
     bar = _progress_bar(quiet, label_width=10)
     try:
         with bar, progress.reporting(_RichReporter(bar)):
-            result = build_dataset(str(spec_path), run_id=run_id, output_root=str(output_dir) if output_dir else None)
+            result = build_dataset(
+                str(spec_path), run_id=run_id, output_root=str(output_dir) if output_dir else None, resume=not new_run
+            )
     except EngineError as exc:
         _fail(str(exc), 3)
+    except RunBusy as exc:
+        _fail(str(exc), 2)
+    except HubError as exc:
+        _fail(str(exc), exc.exit_code)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -161,8 +185,11 @@ def build(
     table.add_row("tokens/s", f"{usage['generated_tokens_per_second']}")
     table.add_row("wall time", f"{usage['wall_seconds']:.0f} s")
     _stdout().print(table)
+    if result.get("resumed"):
+        _stdout().print(f"resumed run {result['run_id']}: finished shards were reused")
     _stdout().print(
-        f"dataset: {result['dataset_dir']}\nreport:  {result['report_md']}\n         {result['report_json']}"
+        f"dataset: {result['dataset_dir']}\nreport:  {result['report_html']}\n         {result['report_md']}"
+        f"\n         {result['report_json']}"
     )
 
 
@@ -197,6 +224,58 @@ def index(
         return
     _stdout().print(f"indexed {len(ids)} records from {source} into {folder} ({embedding_model})")
     _stdout().print(f"use it in a spec: dedup: {{reference: [{folder}]}}")
+
+
+@app.command()
+def publish(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder: <publish.dir>/<dataset>/<run-id>/.")],
+    repo: Annotated[
+        str | None, typer.Option(help="Dataset repo owner/name (default: publish.hub.repo_id of the run's spec).")
+    ] = None,
+    private: Annotated[
+        bool | None,
+        typer.Option(
+            "--private/--public",
+            help="Visibility if the repo gets created (default: publish.hub.private, else private); "
+            "an existing repo keeps its own.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Push a run's dataset folder (data, card, report, plots) to a Hugging Face Hub dataset repo in one commit,
+    tagged with the run id; files of an earlier run that this one lacks are deleted in the same commit.
+
+    The token comes from publish.hub.token_env (HF_TOKEN by default), else from `hf auth login`; it is never printed.
+    Exit codes: 2 bad argument or run folder, 4 no token or token rejected, 5 no write access to the repo,
+    6 Hub unreachable, 7 run already published (its tag exists) or the repo changed during the push,
+    8 other Hub refusal.
+    """
+    from polyculture import progress
+    from polyculture.stages.hub import HubError, hub_settings, locate_run, push_dataset
+
+    bar = _progress_bar(quiet, label_width=6, transient=True)
+    try:
+        run = locate_run(run_dir)
+        hub = hub_settings(run.hub, repo=repo, private=private)
+        with bar, progress.reporting(_RichReporter(bar)):
+            result = push_dataset(run.dataset_dir, hub, run_id=run.run_id)
+    except HubError as exc:
+        _fail(str(exc), exc.exit_code)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    visibility = {True: "private", False: "public", None: "visibility unknown"}[result.private]
+    out = _stdout()
+    out.print(f"pushed run {result.run_id} to {result.repo_id} ({visibility}) as {result.user}", highlight=False)
+    what = "no change since the last push" if result.unchanged else f"{len(result.files)} files, {result.bytes:,} bytes"
+    if result.deleted:
+        what += f", {len(result.deleted)} removed"
+    out.print(f"commit: {result.commit_url} ({what})", highlight=False)
+    if result.tag:
+        out.print(f"tag:    {result.tag}", highlight=False)
+    if hub.private != result.private and result.private is not None:
+        out.print(f"note: {result.repo_id} already existed and stays {visibility}", highlight=False)
 
 
 @app.command("compare-methods")
@@ -292,6 +371,107 @@ def check(spec_path: SpecArg, as_json: JsonOpt = False) -> None:
         return
     _stdout().print(summary)
     _stdout().print(cells)
+
+
+@app.command()
+def serve(
+    spec_paths: Annotated[list[Path], typer.Argument(help="Build specs (YAML), each with a `schedule:` key.")],
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Validate and show the deployments with their next 3 runs; register nothing."),
+    ] = False,
+    allow_unscheduled: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unscheduled",
+            help="Also register specs without `schedule:` (no schedule: they run only when triggered).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build SPECs on their cron `schedule:`: register one Prefect deployment of the build_dataset flow per spec
+    (named after its dataset) and run the scheduled builds in this process until Ctrl-C or SIGTERM. Each run re-reads
+    its spec and gets a new run folder, <publish.dir>/<dataset>/<run-id>/.
+
+    Needs a Prefect server: start one with `prefect server start` and set PREFECT_API_URL (e.g.
+    http://127.0.0.1:4200/api). Its scheduler creates the runs ahead of time, and it keeps the deployments and the
+    run history across restarts of serve. Without PREFECT_API_URL, Prefect would start a temporary local server with
+    no scheduler, so serve refuses (exit 3); --dry-run needs no server. Stopping serve pauses the schedules; serving
+    again resumes them. Trigger a run now with `prefect deployment run build_dataset/<dataset>`.
+
+    Exit codes: 2 a bad spec (the field named), a spec without `schedule:`, or two specs with one dataset name;
+    3 a model that is not available or no reachable Prefect server; 1 the server failed while serving."""
+    from polyculture.flows.schedules import (
+        ScheduleError,
+        describe,
+        load_scheduled_specs,
+        serve_deployments,
+        to_deployment,
+    )
+    from polyculture.spec import SpecError
+
+    try:  # every spec is checked before anything is registered
+        items = load_scheduled_specs(spec_paths, allow_unscheduled=allow_unscheduled)
+    except (SpecError, ScheduleError) as exc:
+        _fail(str(exc))
+    for item in items:
+        _check_models(item.spec)
+    deployments = [to_deployment(item) for item in items]
+    described = [describe(item, deployment) for item, deployment in zip(items, deployments, strict=True)]
+
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()
+
+    def show(registered: bool, ids: list[Any] | None = None) -> None:
+        listed = [d | {"id": str(i)} for d, i in zip(described, ids, strict=True)] if ids else described
+        if as_json:
+            payload = {"api_url": api_url, "registered": registered, "deployments": listed}
+            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+            sys.stdout.flush()  # the command keeps running: a reader waiting on stdout gets it now
+            return
+        table = Table(title=f"{len(listed)} deployment(s)" + ("" if registered else " (dry run: not registered)"))
+        for column in ("deployment", "schedule", "next runs", "spec"):
+            table.add_column(column)
+        for d in listed:
+            when = f"{d['cron']} ({d['timezone']})" if d["cron"] else "on demand"
+            table.add_row(d["name"], when, "\n".join(d["next_runs"]) or "-", d["spec"])
+        _stdout().print(table)
+
+    if dry_run:
+        show(False)
+        return
+    if not api_url:
+        _fail(
+            "serve needs a Prefect server for its schedules (a temporary one has no scheduler): run "
+            "`prefect server start` and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api; --dry-run needs none",
+            3,
+        )
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        _fail(f"cannot reach the Prefect server at PREFECT_API_URL={api_url}: {problem}", 3)
+
+    def registered(ids: list[Any]) -> None:
+        show(True, ids)
+        err.print(
+            f"serving {len(ids)} deployment(s) on {api_url}; runs go to <publish.dir>/<dataset>/<run-id>/ (a relative "
+            f"publish.dir is under {Path.cwd()}). Ctrl-C stops and pauses the schedules. Run one now: "
+            f"prefect deployment run '{items[0].full_name}'",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    import httpx
+    from prefect.exceptions import PrefectException
+
+    try:
+        serve_deployments(deployments, on_registered=registered)
+    except (httpx.HTTPError, PrefectException) as exc:  # e.g. the server went away before the pause on the way out
+        _fail(f"serve stopped on an error ({type(exc).__name__}: {exc}); check the server at {api_url}", 1)
+    err.print("stopped; the schedules are paused until serve runs again", highlight=False)
 
 
 @app.command()

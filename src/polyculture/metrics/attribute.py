@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
 OTHER_EXAMPLES = 5  # most common off-target values listed, so a report can say what the model wrote instead
@@ -26,6 +27,9 @@ def attribute_summary(values: Sequence[str | None], target: dict[str, float]) ->
       when no allowed value was observed at all.
     - total_variation: half the L1 distance between the shares and the target over all records, with "other" as one
       more category whose target is 0 (so off-target records count against it). None when there are no records.
+    - js_bits: Jensen-Shannon divergence (bits, in [0, 1]) between the shares and the target over the same categories
+      as total_variation (scipy.spatial.distance.jensenshannon, squared). Unlike KL it stays finite when a value the
+      target gives 0 is seen. None when there are no records.
     - coverage: allowed values seen at least once / number of allowed values.
     """
     if not target:
@@ -54,6 +58,11 @@ def attribute_summary(values: Sequence[str | None], target: dict[str, float]) ->
     else:
         entropy_bits, normalized, kl_bits, kl_infinite = 0.0, 0.0, None, False
     tvd = 0.5 * (float(np.abs(shares - target_share).sum()) + other / n) if n else None
+    js_bits = None
+    if n:
+        observed_all = np.append(shares, other / n)
+        target_all = np.append(target_share, 0.0)
+        js_bits = max(0.0, float(jensenshannon(observed_all, target_all, base=2) ** 2))
 
     return {
         "n": n,
@@ -70,5 +79,6 @@ def attribute_summary(values: Sequence[str | None], target: dict[str, float]) ->
         "kl_bits": kl_bits,
         "kl_infinite": kl_infinite,
         "total_variation": tvd,
+        "js_bits": js_bits,
         "coverage": int((counts > 0).sum()) / k,
     }

@@ -2,6 +2,8 @@
 
 `semantic_diversity` follows Verbalized Sampling (Zhang et al. 2025): the mean over pairs i<j of 1 - clip(cos_ij, 0, 1),
 times 100. Negative cosines are clipped to 0 so that "unrelated" and "opposite" count the same (at most 100).
+`nearest_neighbour_similarity` gives each row's largest cosine to any other row: near duplicates show as values near 1,
+which is what semantic dedup removes.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _prepared(embeddings: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+def prepared_rows(embeddings: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     """Float64 rows, L2-normalised again (cheap, and guards callers that forgot), sampled down to max_rows."""
     if max_rows < 2:
         raise ValueError(f"max_rows must be >= 2, got {max_rows}")
@@ -34,7 +36,7 @@ def _mean_over_pairs(values: np.ndarray) -> float:
 
 def semantic_diversity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
     """100 x mean over pairs of (1 - clip(cos, 0, 1)); 0.0 for fewer than 2 rows."""
-    x = _prepared(embeddings, max_rows, seed)
+    x = prepared_rows(embeddings, max_rows, seed)
     if x.shape[0] < 2:
         return 0.0
     sims = np.clip(x @ x.T, 0.0, 1.0)
@@ -43,7 +45,17 @@ def semantic_diversity(embeddings: np.ndarray, max_rows: int = 2000, seed: int =
 
 def mean_pairwise_similarity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
     """Mean cosine similarity over pairs (unclipped, in [-1, 1]); 0.0 for fewer than 2 rows."""
-    x = _prepared(embeddings, max_rows, seed)
+    x = prepared_rows(embeddings, max_rows, seed)
     if x.shape[0] < 2:
         return 0.0
     return _mean_over_pairs(x @ x.T)
+
+
+def nearest_neighbour_similarity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> np.ndarray:
+    """Each (sampled) row's largest cosine similarity to another row of the sample; empty for fewer than 2 rows."""
+    x = prepared_rows(embeddings, max_rows, seed)
+    if x.shape[0] < 2:
+        return np.zeros(0)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.clip(sims.max(axis=1), -1.0, 1.0)

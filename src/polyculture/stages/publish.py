@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from polyculture.spec import BuildSpec
@@ -70,6 +71,8 @@ def publish_local(spec: BuildSpec, final: pl.DataFrame, report: dict, report_dir
         pq.write_table(table, staging / DATA_FILE)
         shutil.copy2(report_dir / "report.json", staging / "report.json")
         shutil.copy2(report_dir / "report.md", staging / "report.md")
+        if (report_dir / "report.html").is_file():  # the offline page with its figures inlined
+            shutil.copy2(report_dir / "report.html", staging / "report.html")
         if (report_dir / "plots").is_dir():
             shutil.copytree(report_dir / "plots", staging / "plots")
         report_md = (report_dir / "report.md").read_text(encoding="utf-8")
@@ -188,17 +191,35 @@ def size_category(rows: int) -> str:
     return next((label for bound, label in _SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
-def dataset_card(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> DatasetCard:
-    license_id = getattr(spec.publish, "license", None) or getattr(spec, "license", None) or "other"
-    data = DatasetCardData(
+def card_metadata(spec: BuildSpec, rows: int) -> DatasetCardData:
+    """The card's YAML: what the Hub indexes (license, language, tasks, size) and what `datasets` reads (configs)."""
+    pub = spec.publish
+    method_tags = ["verbalized-sampling"] if spec.method.name.startswith("vs_") else []
+    tags = list(dict.fromkeys(["synthetic", "polyculture", *method_tags, *pub.tags]))
+    languages = list(pub.language)
+    multilinguality = None if not languages else "monolingual" if len(languages) == 1 else "multilingual"
+    return DatasetCardData(
         pretty_name=spec.name,
-        license=license_id,
+        license=pub.license,
+        language=languages or None,
+        multilinguality=multilinguality,
+        annotations_creators=["machine-generated"],
+        language_creators=["machine-generated"],
+        source_datasets=["original"],
         size_categories=[size_category(rows)],
-        task_categories=["text-generation"],
-        tags=["synthetic", "polyculture"],
+        task_categories=list(pub.task_categories) or None,
+        tags=tags,
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
     )
-    return DatasetCard.from_template(data, template_str=CARD_TEMPLATE, body=_card_body(spec, report, report_md, rows, columns))
+
+
+def dataset_card(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> DatasetCard:
+    body = _card_body(spec, report, report_md, rows, columns)
+    card = DatasetCard.from_template(card_metadata(spec, rows), template_str=CARD_TEMPLATE, body=body)
+    # Parsed back the way the Hub and `datasets` will read it: a card whose YAML does not survive is never written.
+    if DatasetCard(str(card)).data.to_dict() != card.data.to_dict():
+        raise PublishError("the dataset card's YAML metadata does not read back as written")
+    return card
 
 
 def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> str:
@@ -210,12 +231,15 @@ def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns
             method_text += f", each with probability below {method.probability_threshold}"
         method_text += ")"
     s = spec.sampling
+    hub = spec.publish.hub
     lines = [f"# {spec.name}", ""]
     if spec.description:
         lines += [spec.description, ""]
     lines += [
-        f"Synthetic dataset of {rows} records built with polyculture, which generates with "
-        "anti-mode-collapse prompting, removes near duplicates and rebalances attributes to exact targets.",
+        (
+            f"Synthetic dataset of {rows} records built with polyculture, which generates with "
+            "anti-mode-collapse prompting, removes near duplicates and rebalances attributes to exact targets."
+        ),
         "",
         "## How it was made",
         "",
@@ -235,24 +259,67 @@ def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns
         lines += ["## Headline figures", "", "| figure | value |", "|---|---:|"]
         lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in headline.items()]
         lines.append("")
+    lines += _diversity_table(report.get("diversity"))
     lines += [
         "## Columns",
         "",
         "Record fields: " + ", ".join(f"`{c}`" for c in columns if c not in METADATA_COLUMNS) + ".",
-        "Metadata: `_record_id` (run-unique id), `_method` (prompting method), `_model` (generating model), "
-        "`_verbalized_probability` (the probability the model stated for this response under Verbalized Sampling; "
-        "empty otherwise).",
+        (
+            "Metadata: `_record_id` (run-unique id), `_method` (prompting method), `_model` (generating model), "
+            "`_verbalized_probability` (the probability the model stated for this response under Verbalized Sampling; "
+            "empty otherwise)."
+        ),
         "",
         "```python",
         "from datasets import load_dataset",
-        'ds = load_dataset("path/or/repo_id", split="train")',
+        f'ds = load_dataset("{hub.repo_id if hub else "path/or/repo_id"}", split="train")',
         "```",
+        "",
+        "## Build spec",
+        "",
+        "The spec this run was built from (polyculture `BuildSpec`, defaults filled in) and the record schema:",
+        "",
+        "<details><summary>spec (YAML)</summary>",
+        "",
+        _fenced(
+            yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True), "yaml"
+        ),
+        "",
+        "</details>",
+        "",
+        "<details><summary>record schema (JSON Schema)</summary>",
+        "",
+        _fenced(json.dumps(spec.record_schema, indent=2, ensure_ascii=False), "json"),
+        "",
+        "</details>",
         "",
         "The full report is in `report.md` / `report.json`; it is repeated below.",
         "",
         _demote_headings(report_md).strip(),
     ]
     return "\n".join(lines)
+
+
+def _diversity_table(diversity: Any) -> list[str]:
+    """Per-stage diversity (validated -> final, and any stage the report adds) as one table; [] when absent."""
+    if not isinstance(diversity, dict):
+        return []
+    stages = {name: figures for name, figures in diversity.items() if isinstance(figures, dict)}
+    metrics = list(dict.fromkeys(k for f in stages.values() for k, v in f.items() if isinstance(v, int | float)))
+    if not stages or not metrics:
+        return []
+    lines = ["## Diversity by stage", "", "| stage | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"]
+    lines.append("|---|" + "---:|" * len(metrics))
+    for name, figures in stages.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(figures.get(m)) for m in metrics) + " |")
+    return [*lines, ""]
+
+
+def _fenced(text: str, lang: str) -> str:
+    # A fence longer than any backtick run inside (a prompt template may hold one) keeps the block closed.
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
 
 
 def _demote_headings(markdown: str) -> str:
