@@ -7,7 +7,9 @@ Generation shards already in the run folder are reused, so re-running with the s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -15,17 +17,21 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from polyculture.flows.common import embed_task, load_engine
+from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
+from polyculture.flows.runners import task_runner_for
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner
 
 from polyculture import progress
 from polyculture.engines.base import Engine
 from polyculture.methods import get_method
-from polyculture.spec import BuildSpec, load_spec
+from polyculture.spec import BuildSpec, RunnerSpec, load_spec
 from polyculture.stages.dedup import dedup
 from polyculture.stages.extract import extract_attributes
-from polyculture.stages.generate import generate
+from polyculture.stages.files import write_text_atomic
+from polyculture.stages.generate import Shard, concat_shards, plan_shards, read_shard, run_shard, write_shard
 from polyculture.stages.hub import HubError, push_dataset
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import dataset_folder_name, publish_local
@@ -33,7 +39,6 @@ from polyculture.stages.rebalance import rebalance
 from polyculture.stages.reference import Reference, load_reference, locate_reference, write_reference
 from polyculture.stages.report import write_report
 from polyculture.stages.report_reference import load_report_reference
-from polyculture.stages.files import write_text_atomic
 from polyculture.stages.runs import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
 from polyculture.stages.validate import validate
@@ -81,16 +86,68 @@ def plan_task(spec: BuildSpec) -> pl.DataFrame:
     return plan(spec)
 
 
-@task(name="generate", cache_policy=NONE)
-def generate_task(
-    spec: BuildSpec, cells: pl.DataFrame, engine: Engine, shard_dir: Path, label: str, round_no: int
-) -> pl.DataFrame:
-    total = int(cells["n_prompts"].sum())
-    progress.report(label, 0, total, "prompts")
-    return generate(
-        spec, cells, engine, get_method(spec.method), shard_dir,
-        on_batch=lambda done, n: progress.report(label, done, n, "prompts"), seed_key=f"round-{round_no:02d}",
-    )  # fmt: skip
+@dataclass(frozen=True)
+class ShardRun:
+    """What a shard task sends back: the completions (the build's process writes the shard file, so workers need
+    no shared disk) and where and how it ran."""
+
+    completions: pl.DataFrame
+    worker: str  # host:pid of the process that ran it
+    engine_load_seconds: float  # > 0 when this task loaded the worker's engine
+    seconds: float  # the task's own time, engine load included
+
+
+SHARD_RUN_SCHEMA = {
+    "round": pl.Int64, "shard": pl.Int64, "prompts": pl.Int64, "worker": pl.String, "seconds": pl.Float64,
+    "engine_load_seconds": pl.Float64, "completion_tokens": pl.Int64,
+}  # fmt: skip
+
+
+@task(name="generate-shard", cache_policy=NONE)
+def generate_shard_task(spec: BuildSpec, shard: Shard) -> ShardRun:
+    """One shard, on whichever worker the runner picks; the worker loads its engine once and keeps it."""
+    started = time.perf_counter()
+    shared, loaded = shared_engine(spec)
+    with shared.lock:
+        frame = run_shard(spec, shard, shared.engine, get_method(spec.method))
+    return ShardRun(
+        completions=frame,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        engine_load_seconds=shared.load_seconds if loaded else 0.0,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _generate_round(
+    spec: BuildSpec, cells: pl.DataFrame, runner: TaskRunner, shard_dir: Path, label: str, round_no: int
+) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
+    """Every shard of a round: finished ones read back, the rest submitted as tasks to the runner; the round's
+    completions in shard order, and one row per shard generated now (worker, seconds, engine load)."""
+    method = get_method(spec.method)
+    shards = plan_shards(spec, cells, method, shard_dir, seed_key=f"round-{round_no:02d}")
+    total = sum(s.prompts for s in shards)
+    frames = {s.index: frame for s in shards if (frame := read_shard(spec, s, method)) is not None}
+    done = sum(s.prompts for s in shards if s.index in frames)
+    progress.report(label, done, total, "prompts")
+    futures = {
+        runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s}): s
+        for s in shards
+        if s.index not in frames
+    }
+    runs: list[dict[str, Any]] = []
+    for future in as_completed(list(futures)):
+        shard = futures[future]
+        ran: ShardRun = future.result()
+        write_shard(ran.completions, shard)
+        frames[shard.index] = ran.completions
+        runs.append({
+            "round": round_no, "shard": shard.index, "prompts": shard.prompts, "worker": ran.worker,
+            "seconds": round(ran.seconds, 3), "engine_load_seconds": round(ran.engine_load_seconds, 3),
+            "completion_tokens": int(ran.completions["completion_tokens"].sum()) if ran.completions.height else 0,
+        })  # fmt: skip
+        done += shard.prompts
+        progress.report(label, done, total, "prompts")
+    return concat_shards(spec, [frames[s.index] for s in shards]), sorted(runs, key=lambda r: r["shard"])
 
 
 @task(name="validate", cache_policy=NONE)
@@ -166,9 +223,16 @@ def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: _Pool) -> Rou
 
 @flow(name="build_dataset", log_prints=False)
 def build_dataset(
-    spec_path: str, run_id: str | None = None, output_root: str | None = None, resume: bool = True
+    spec_path: str,
+    run_id: str | None = None,
+    output_root: str | None = None,
+    resume: bool = True,
+    runner: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the dataset a spec describes; returns where the dataset and report are (a BuildResult as a dict).
+
+    Generation shards run as tasks on the spec's runner (threads, Dask, Ray; `runner` overrides spec.runner, e.g.
+    {"kind": "dask", "workers": 2}); every other stage runs here, over all shards.
 
     Without a run id, the newest unfinished run of this very spec (same fingerprint, its build dead) is resumed when
     `resume`, else a new run starts. Finished shards are never regenerated, and each shard samples from its own seed,
@@ -178,6 +242,7 @@ def build_dataset(
     """
     wall_started = time.perf_counter()
     spec = load_spec(spec_path)
+    runner_spec = spec.runner if runner is None else RunnerSpec.model_validate(runner)
     dataset_root = Path(output_root or spec.publish.dir) / spec.name
     if run_id is None:
         unfinished = unfinished_runs(dataset_root, spec) if resume else []
@@ -187,11 +252,21 @@ def build_dataset(
         if resumed:
             shards = len(list(run_dir.glob("generate/**/*.parquet")))
             progress.report("resume", 1, 1, f"run {run_id}: {shards} finished shard(s) reused")
-        return _build(spec, spec_path, run_id, run_dir, wall_started, resumed)
+        try:
+            with task_runner_for(runner_spec) as task_runner:
+                return _build(spec, spec_path, run_id, run_dir, wall_started, resumed, task_runner)
+        finally:
+            close_shared_engines()  # this process's (threads); workers of a cluster keep theirs for later builds
 
 
 def _build(
-    spec: BuildSpec, spec_path: str, run_id: str, run_dir: Path, wall_started: float, resumed: bool
+    spec: BuildSpec,
+    spec_path: str,
+    run_id: str,
+    run_dir: Path,
+    wall_started: float,
+    resumed: bool,
+    task_runner: TaskRunner,
 ) -> dict[str, Any]:
     shutil.copyfile(spec_path, run_dir / "spec.yaml")
     references = [
@@ -203,48 +278,56 @@ def _build(
     report_reference = load_report_reference(spec)
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
-    engine, load_seconds = load_engine(spec)
+    # The engine extractor reads records with the build's chat model, here in the build's process.
+    reads_with_engine = any(a.extractor is not None and a.extractor.method == "engine" for a in spec.extract_attributes)
+    engine = shared_engine(spec)[0].engine if reads_with_engine else None
     known: dict[tuple[str, str], Any] = {}  # extracted labels by (attribute, record id): later rounds ask only anew
     plans = [cells]
     rounds: list[dict[str, Any]] = []
-    try:
-        pool = _Pool(completions=generate_task(spec, cells, engine, run_dir / "generate", "generate", 0))
-        pool = _process(spec, pool, engine, references, known)
-        rounds.append(_round_row(0, cells, pool.completions, pool))
-        stop_reason: str | None = None  # set where a bound stops the rounds; otherwise derived below
-        for round_no in range(1, spec.rebalance.top_up_rounds + 1):
-            shortfalls = pool.balanced.shortfalls()
-            if not shortfalls:
-                break
-            spent = sum(r["generated_tokens"] for r in rounds[1:])
-            budget = spec.rebalance.top_up_max_tokens
-            top_up = top_up_cells(
-                spec, shortfalls, _round_stats(spec, plans, pool),
-                first_cell_id=int(max(int(p["cell_id"].max() or 0) for p in plans)) + 1,
-                token_budget_left=None if budget is None else budget - spent,
-            )  # fmt: skip
-            if top_up.height == 0:  # only a spent budget can leave a shortfall without prompts
-                stop_reason = f"stopped: the top-up token budget is spent ({spent:,} of {budget or 0:,} tokens)"
-                break
-            top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
-            plans.append(top_up)
-            label = f"top-up {round_no}/{spec.rebalance.top_up_rounds}"
-            new = generate_task(spec, top_up, engine, run_dir / "generate" / f"topup-{round_no:02d}", label, round_no)
-            pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
-            rounds.append(_round_row(round_no, top_up, new, pool))
-        if stop_reason is None:
-            if not pool.balanced.shortfalls():
-                stop_reason = "every cell is full"
-            elif spec.rebalance.top_up_rounds == 0:
-                stop_reason = "stopped: top-up rounds are off (rebalance.top_up_rounds: 0)"
-            else:
-                stop_reason = f"stopped: all {spec.rebalance.top_up_rounds} top-up rounds used"
-    finally:
-        engine.close()
+    generation_started = time.perf_counter()
+    completions, shard_runs = _generate_round(spec, cells, task_runner, run_dir / "generate", "generate", 0)
+    generation_wall = time.perf_counter() - generation_started
+    pool = _process(spec, _Pool(completions=completions), engine, references, known)
+    rounds.append(_round_row(0, cells, pool.completions, pool))
+    stop_reason: str | None = None  # set where a bound stops the rounds; otherwise derived below
+    for round_no in range(1, spec.rebalance.top_up_rounds + 1):
+        shortfalls = pool.balanced.shortfalls()
+        if not shortfalls:
+            break
+        spent = sum(r["generated_tokens"] for r in rounds[1:])
+        budget = spec.rebalance.top_up_max_tokens
+        top_up = top_up_cells(
+            spec, shortfalls, _round_stats(spec, plans, pool),
+            first_cell_id=int(max(int(p["cell_id"].max() or 0) for p in plans)) + 1,
+            token_budget_left=None if budget is None else budget - spent,
+        )  # fmt: skip
+        if top_up.height == 0:  # only a spent budget can leave a shortfall without prompts
+            stop_reason = f"stopped: the top-up token budget is spent ({spent:,} of {budget or 0:,} tokens)"
+            break
+        top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
+        plans.append(top_up)
+        label = f"top-up {round_no}/{spec.rebalance.top_up_rounds}"
+        generation_started = time.perf_counter()
+        new, more_runs = _generate_round(
+            spec, top_up, task_runner, run_dir / "generate" / f"topup-{round_no:02d}", label, round_no
+        )
+        generation_wall += time.perf_counter() - generation_started
+        shard_runs += more_runs
+        pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
+        rounds.append(_round_row(round_no, top_up, new, pool))
+    if stop_reason is None:
+        if not pool.balanced.shortfalls():
+            stop_reason = "every cell is full"
+        elif spec.rebalance.top_up_rounds == 0:
+            stop_reason = "stopped: top-up rounds are off (rebalance.top_up_rounds: 0)"
+        else:
+            stop_reason = f"stopped: all {spec.rebalance.top_up_rounds} top-up rounds used"
 
     completions, validated, deduped, balanced = pool.completions, pool.validated, pool.deduped, pool.balanced
     records = validated.records
-    cells_out = explain_shortfalls(balanced.cells, prompts_by_cell(spec, plans, balanced.cells), len(rounds), stop_reason)
+    cells_out = explain_shortfalls(
+        balanced.cells, prompts_by_cell(spec, plans, balanced.cells), len(rounds), stop_reason
+    )
     cells_out.write_parquet(run_dir / "cells.parquet")
     balanced.marginals.write_parquet(run_dir / "marginals.parquet")
     deduped.clusters.write_parquet(run_dir / "dedup_clusters.parquet")
@@ -270,9 +353,17 @@ def _build(
         "generated_tokens": generated_tokens,
         "generation_seconds": round(generation_seconds, 2),
         "generated_tokens_per_second": round(generated_tokens / generation_seconds, 1) if generation_seconds else 0.0,
-        "engine_load_seconds": round(load_seconds, 2),
+        # Wall time of the generation rounds: with several workers, less than the shards' summed engine time.
+        "generation_wall_seconds": round(generation_wall, 2),
+        "engine_load_seconds": round(max((r["engine_load_seconds"] for r in shard_runs), default=0.0), 2),
+        "workers": len({r["worker"] for r in shard_runs}),
+        "engine_loads": sum(1 for r in shard_runs if r["engine_load_seconds"] > 0),
     }
-    reference_embeddings = embed_task(spec, report_reference["text"].to_list()) if report_reference is not None else None
+    # One row per shard generated by this invocation (a resumed run lists only what it generated).
+    pl.DataFrame(shard_runs, schema=SHARD_RUN_SCHEMA).write_parquet(run_dir / "shard_runs.parquet")
+    reference_embeddings = (
+        embed_task(spec, report_reference["text"].to_list()) if report_reference is not None else None
+    )
     report_task = task(name="report", cache_policy=NONE)(write_report)
     report = report_task(
         spec,

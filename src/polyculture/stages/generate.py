@@ -92,6 +92,98 @@ def _batches(items: list[PromptRequest], size: int) -> Iterator[tuple[int, list[
         yield shard, items[start : start + size]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One unit of generation: consecutive prompts in cell order (a big cell spans several shards, small cells share
+    one), their seeds (one per turn) and the parquet file it writes. Shards are independent: any worker can run
+    any shard, in any order, and writes the same file."""
+
+    index: int
+    requests: list[PromptRequest]
+    seeds: list[int]
+    path: Path
+
+    @property
+    def prompts(self) -> int:
+        return len(self.requests)
+
+
+def plan_shards(
+    spec: BuildSpec, cells: pl.DataFrame, method: Method, shard_dir: Path, *, seed_key: str = "round-00"
+) -> list[Shard]:
+    """The plan's prompts cut into shards of spec.model.batch_size; each shard samples from its own seeds
+    (spec.seed, `seed_key`, shard, turn: see `shard_seed`), so a shard regenerated after a crash, or on another
+    worker, is the one an uninterrupted single-process run writes (engines that honour per-call seeds:
+    transformers, vllm). `seed_key` names the generation round (top-up rounds differ)."""
+    # Every turn's schema up front: a record schema the method cannot use is refused before any engine call.
+    response_schemas(spec, method)
+    requests = render_prompts(spec, cells, method)
+    return [
+        Shard(
+            index=index,
+            requests=batch,
+            seeds=[shard_seed(spec.seed, seed_key, index, turn) for turn in range(method.turns)],
+            path=Path(shard_dir) / f"shard-{index:05d}.parquet",
+        )
+        for index, batch in _batches(requests, spec.model.batch_size)
+    ]
+
+
+def response_schemas(spec: BuildSpec, method: Method) -> list[dict[str, Any]]:
+    """The JSON Schema of the model's whole answer, per turn."""
+    item_schema = generation_schema(spec)
+    return [method.response_schema(item_schema, turn=t) for t in range(method.turns)]
+
+
+def read_shard(spec: BuildSpec, shard: Shard, method: Method) -> pl.DataFrame | None:
+    """A finished shard's completions, or None when it has not been written yet."""
+    if not shard.path.is_file():
+        return None
+    return _upgrade(pl.read_parquet(shard.path), method).select(_column_order(spec))
+
+
+def generate_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> pl.DataFrame:
+    """Generate one shard (or read it back when already written) and write it atomically; its completions."""
+    done = read_shard(spec, shard, method)
+    if done is not None:
+        return done
+    frame = run_shard(spec, shard, engine, method)
+    write_shard(frame, shard)
+    return frame
+
+
+def write_shard(frame: pl.DataFrame, shard: Shard) -> None:
+    """Write a shard's completions atomically (a crash never leaves a half-written shard that resume would trust)."""
+    shard.path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(frame, shard.path)
+
+
+def run_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> pl.DataFrame:
+    """One shard's completions from the engine; writes nothing (a remote worker needs no shared disk)."""
+    params = SamplingParams(
+        temperature=spec.sampling.temperature,
+        top_p=spec.sampling.top_p,
+        max_tokens=spec.sampling.max_tokens,
+        n=spec.sampling.n,
+    )
+    started = time.perf_counter()
+    rows = _run_batch(spec, shard.requests, engine, method, response_schemas(spec, method), params, shard.seeds)
+    frame = _completions_frame(rows, spec)
+    # Shard-level timing (all turns), repeated on each of the shard's rows: sum it once per shard.
+    frame = frame.with_columns(
+        pl.lit(shard.index, dtype=pl.Int64).alias("shard"),
+        pl.lit(time.perf_counter() - started, dtype=pl.Float64).alias("batch_seconds"),
+    ).select(_column_order(spec))
+    return frame
+
+
+def concat_shards(spec: BuildSpec, frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Shards' completions in shard order, as one frame (an empty frame of the right columns when none)."""
+    if not frames:
+        return pl.DataFrame(schema=_empty_schema(spec))
+    return pl.concat(frames, how="vertical")
+
+
 def generate(
     spec: BuildSpec,
     cells: pl.DataFrame,
@@ -102,50 +194,23 @@ def generate(
     *,
     seed_key: str = "round-00",
 ) -> pl.DataFrame:
-    """All completions of the plan, one row per completion and turn. A shard already on disk is read back, not
-    regenerated (resume after a crash).
+    """All completions of the plan, shard after shard in this process, one row per completion and turn. A shard
+    already on disk is read back, not regenerated (resume after a crash). The build flow runs the same shards as
+    Prefect tasks instead (in threads, or on Dask/Ray workers).
 
-    Each shard samples from its own seed (spec.seed, `seed_key`, shard, turn: see `shard_seed`), so a shard
-    regenerated after a crash is the one an uninterrupted run would have written (engines that honour per-call
-    seeds: transformers, vllm). `seed_key` names the generation round (top-up rounds differ).
-    `on_batch(done_prompts, total_prompts)` is called after each batch (all its turns), for progress displays.
+    `on_batch(done_prompts, total_prompts)` is called after each shard (all its turns), for progress displays.
     """
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    requests = render_prompts(spec, cells, method)
-    item_schema = generation_schema(spec)
-    # Every turn's schema up front: a record schema the method cannot use is refused before any engine call.
-    schemas = [method.response_schema(item_schema, turn=t) for t in range(method.turns)]
-    params = SamplingParams(
-        temperature=spec.sampling.temperature,
-        top_p=spec.sampling.top_p,
-        max_tokens=spec.sampling.max_tokens,
-        n=spec.sampling.n,
-    )
-    columns = _column_order(spec)
+    shards = plan_shards(spec, cells, method, shard_dir, seed_key=seed_key)
+    Path(shard_dir).mkdir(parents=True, exist_ok=True)
+    total = sum(s.prompts for s in shards)
     frames = []
     done = 0
-    for shard, batch in _batches(requests, spec.model.batch_size):
-        path = shard_dir / f"shard-{shard:05d}.parquet"
-        if path.is_file():
-            frames.append(_upgrade(pl.read_parquet(path), method).select(columns))
-        else:
-            started = time.perf_counter()
-            seeds = [shard_seed(spec.seed, seed_key, shard, turn) for turn in range(len(schemas))]
-            rows = _run_batch(spec, batch, engine, method, schemas, params, seeds)
-            frame = _completions_frame(rows, spec)
-            # Shard-level timing (all turns), repeated on each of the shard's rows: sum it once per shard.
-            frame = frame.with_columns(
-                pl.lit(shard, dtype=pl.Int64).alias("shard"),
-                pl.lit(time.perf_counter() - started, dtype=pl.Float64).alias("batch_seconds"),
-            ).select(columns)
-            _write_atomic(frame, path)
-            frames.append(frame)
-        done += len(batch)
+    for shard in shards:
+        frames.append(generate_shard(spec, shard, engine, method))
+        done += shard.prompts
         if on_batch is not None:
-            on_batch(done, len(requests))
-    if not frames:
-        return pl.DataFrame(schema=_empty_schema(spec))
-    return pl.concat(frames, how="vertical")
+            on_batch(done, total)
+    return concat_shards(spec, frames)
 
 
 @dataclass
