@@ -140,19 +140,10 @@ def load_reference(folder: Path, *, embedding_model: str) -> Reference:
 def read_texts(source: Path, text_field: str, id_field: str | None = None) -> tuple[list[str], list[str]]:
     """(ids, texts) from a parquet, JSON Lines or CSV file, or every parquet file under a folder (a published
     dataset folder, say). Rows without text are skipped; ids default to '<file stem>:<row>'."""
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
-        if not files:
-            raise ReferenceError(f"'{source}' holds no parquet files")
-    elif source.is_file():
-        files = [source]
-    else:
-        raise ReferenceError(f"'{source}' does not exist")
     ids: list[str] = []
     texts: list[str] = []
-    for file in files:
-        frame = _read_table(file)
+    for file in source_files(source):
+        frame = read_table(file)
         if text_field not in frame.columns:
             raise ReferenceError(f"'{file}' has no column '{text_field}' (columns: {frame.columns})")
         if id_field is not None and id_field not in frame.columns:
@@ -166,7 +157,21 @@ def read_texts(source: Path, text_field: str, id_field: str | None = None) -> tu
     return ids, texts
 
 
-def _read_table(file: Path) -> pl.DataFrame:
+def source_files(source: Path) -> list[Path]:
+    """The data files of a source: the file itself, or every parquet file under a folder (hidden ones skipped)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
+        if not files:
+            raise ReferenceError(f"'{source}' holds no parquet files")
+        return files
+    if source.is_file():
+        return [source]
+    raise ReferenceError(f"'{source}' does not exist")
+
+
+def read_table(file: Path) -> pl.DataFrame:
+    """One parquet, JSON Lines or CSV file as a frame (ReferenceError, naming the file, when it cannot be read)."""
     suffix = file.suffix.lower()
     try:
         if suffix == ".parquet":

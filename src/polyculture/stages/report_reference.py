@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.spec import BuildSpec, SpecError
-from polyculture.stages.reference import ReferenceError, _read_table
+from polyculture.stages.reference import ReferenceError, read_table, source_files
 
 
 def load_report_reference(spec: BuildSpec) -> pl.DataFrame | None:
@@ -33,19 +33,15 @@ def load_report_reference(spec: BuildSpec) -> pl.DataFrame | None:
     source = Path(ref.path).expanduser()
     if not source.is_absolute():
         source = spec.base_dir / source
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
-        if not files:
-            raise SpecError(f"report.reference.path: '{source}' holds no parquet files")
-    elif source.is_file():
-        files = [source]
-    else:
-        raise SpecError(f"report.reference.path: '{source}' does not exist")
+    try:
+        files = source_files(source)
+    except ReferenceError as exc:
+        raise SpecError(f"report.reference.path: {exc}") from None
 
     frames = []
     for file in files:
         try:
-            frame = _read_table(file)
+            frame = read_table(file)
         except ReferenceError as exc:
             raise SpecError(f"report.reference.path: {exc}") from None
         if ref.text_field not in frame.columns:
