@@ -45,5 +45,8 @@ def task_runner_for(runner: RunnerSpec) -> Any:
             raise RunnerUnavailable("runner ray needs prefect-ray: pip install 'polyculture[ray]'") from exc
         if runner.address is not None:
             return RayTaskRunner(address=runner.address)
-        return RayTaskRunner(init_kwargs={"num_cpus": runner.workers or DEFAULT_LOCAL_WORKERS})
+        # A local Ray for this build only: no dashboard server (it would also listen on a port).
+        return RayTaskRunner(
+            init_kwargs={"num_cpus": runner.workers or DEFAULT_LOCAL_WORKERS, "include_dashboard": False}
+        )
     raise ValueError(f"unknown runner kind '{runner.kind}'; allowed: threads, dask, ray")
