@@ -118,11 +118,21 @@ def generate_shard_task(spec: BuildSpec, shard: Shard) -> ShardRun:
     )
 
 
+@dataclass(frozen=True)
+class _Generated:
+    """One round's generation: completions in shard order, one row per shard generated now (worker, seconds,
+    engine load), and the round's wall time (less than the shards' summed time when several workers ran them)."""
+
+    completions: pl.DataFrame
+    shard_runs: list[dict[str, Any]]
+    wall_seconds: float
+
+
 def _generate_round(
     spec: BuildSpec, cells: pl.DataFrame, runner: TaskRunner, shard_dir: Path, label: str, round_no: int
-) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
-    """Every shard of a round: finished ones read back, the rest submitted as tasks to the runner; the round's
-    completions in shard order, and one row per shard generated now (worker, seconds, engine load)."""
+) -> _Generated:
+    """Every shard of a round: finished ones read back, the rest submitted as tasks to the runner."""
+    started = time.perf_counter()
     method = get_method(spec.method)
     shards = plan_shards(spec, cells, method, shard_dir, seed_key=f"round-{round_no:02d}")
     total = sum(s.prompts for s in shards)
@@ -147,7 +157,11 @@ def _generate_round(
         })  # fmt: skip
         done += shard.prompts
         progress.report(label, done, total, "prompts")
-    return concat_shards(spec, [frames[s.index] for s in shards]), sorted(runs, key=lambda r: r["shard"])
+    return _Generated(
+        completions=concat_shards(spec, [frames[s.index] for s in shards]),
+        shard_runs=sorted(runs, key=lambda r: r["shard"]),
+        wall_seconds=time.perf_counter() - started,
+    )
 
 
 @task(name="validate", cache_policy=NONE)
@@ -284,10 +298,9 @@ def _build(
     known: dict[tuple[str, str], Any] = {}  # extracted labels by (attribute, record id): later rounds ask only anew
     plans = [cells]
     rounds: list[dict[str, Any]] = []
-    generation_started = time.perf_counter()
-    completions, shard_runs = _generate_round(spec, cells, task_runner, run_dir / "generate", "generate", 0)
-    generation_wall = time.perf_counter() - generation_started
-    pool = _process(spec, _Pool(completions=completions), engine, references, known)
+    generated = _generate_round(spec, cells, task_runner, run_dir / "generate", "generate", 0)
+    shard_runs, generation_wall = generated.shard_runs, generated.wall_seconds
+    pool = _process(spec, _Pool(completions=generated.completions), engine, references, known)
     rounds.append(_round_row(0, cells, pool.completions, pool))
     stop_reason: str | None = None  # set where a bound stops the rounds; otherwise derived below
     for round_no in range(1, spec.rebalance.top_up_rounds + 1):
@@ -307,12 +320,12 @@ def _build(
         top_up.write_parquet(run_dir / f"plan-topup-{round_no:02d}.parquet")
         plans.append(top_up)
         label = f"top-up {round_no}/{spec.rebalance.top_up_rounds}"
-        generation_started = time.perf_counter()
-        new, more_runs = _generate_round(
+        generated = _generate_round(
             spec, top_up, task_runner, run_dir / "generate" / f"topup-{round_no:02d}", label, round_no
         )
-        generation_wall += time.perf_counter() - generation_started
-        shard_runs += more_runs
+        shard_runs += generated.shard_runs
+        generation_wall += generated.wall_seconds
+        new = generated.completions
         pool = _process(spec, _Pool(completions=pl.concat([pool.completions, new])), engine, references, known)
         rounds.append(_round_row(round_no, top_up, new, pool))
     if stop_reason is None:

@@ -106,7 +106,7 @@ def write_report(
             "after": attribute_summary(_column(final, attr.name, "final"), target),
         }
 
-    monoculture, reference_nearest = _monoculture(spec, frames, reference, reference_embeddings)
+    monoculture, reference_nearest = _monoculture(spec, frames, diversity, reference, reference_embeddings)
     if reference_nearest is not None:
         nearest["reference"] = reference_nearest
 
@@ -262,10 +262,12 @@ def _calibration(spec: BuildSpec, frame: pl.DataFrame, texts: list[str]) -> dict
 def _monoculture(
     spec: BuildSpec,
     frames: dict[str, tuple[pl.DataFrame, np.ndarray | None]],
+    diversity: dict[str, Any],
     reference: pl.DataFrame | None,
     reference_embeddings: np.ndarray | None,
 ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """Each stage's dispersion against the reference's: text (embeddings) and the attributes the reference names."""
+    """Each stage's dispersion against the reference's: text (embeddings) and the attributes the reference names.
+    A stage's text figures are the ones its diversity table already holds (same sample, same seed)."""
     if reference is None:
         return None, None
     if reference.height and "text" not in reference.columns:
@@ -286,7 +288,7 @@ def _monoculture(
         x = _embedding_rows(frame, embeddings, label)
         if ref_x is not None and len(x) and len(ref_x) and x.shape[1] != ref_x.shape[1]:
             raise ValueError(f"reference embeddings have {ref_x.shape[1]} dims but the {label} ones {x.shape[1]}")
-        text = _text_dispersion(x, sample, seed) if ref_text is not None else None
+        text = _stage_dispersion(diversity[key]) if ref_text is not None else None
         if text is not None and ref_text is not None:
             gen_div, ref_div = text["semantic_diversity"], ref_text["semantic_diversity"]
             both = gen_div is not None and ref_div is not None
@@ -311,8 +313,14 @@ def _monoculture(
     return {"reference": reference_block, "stages": stages}, ref_nearest
 
 
+def _stage_dispersion(figures: dict[str, Any]) -> dict[str, Any]:
+    """A stage's semantic spread, taken from its diversity figures (None below 2 records, as for the reference)."""
+    keys = ("semantic_diversity", "mean_pairwise_similarity", "vendi_score")
+    return {"rows": figures["rows"], **{k: figures[k] if figures["rows"] >= 2 else None for k in keys}}
+
+
 def _text_dispersion(x: np.ndarray, sample: int, seed: int) -> dict[str, Any]:
-    """Semantic spread of one side, sampled as the per-stage figures are (so a stage's numbers match its table)."""
+    """The reference's semantic spread, computed as a stage's diversity figures are (same sample size and seed)."""
     if x.shape[0] < 2:
         return {
             "rows": int(x.shape[0]),
