@@ -29,7 +29,7 @@ import time
 import faiss
 import numpy as np
 
-from polyculture.stages.similarity_index import (
+from polyculture.index.similarity import (
     SIMILARITY_TOLERANCE,
     IndexPlan,
     Neighbors,

@@ -12,7 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
-from polyculture.engines.base import SamplingParams, create_engine
+from polyculture.engines.base import SamplingParams
+from polyculture.engines.factory import create_engine
 from polyculture.methods import get_method
 from polyculture.spec import load_spec
 from polyculture.stages.generate import generation_schema, render_prompts

@@ -74,10 +74,10 @@ def write_spec(folder: Path, prompts: int, batch_size: int, max_tokens: int, eng
 
 def task_overhead(runner: dict[str, Any], tasks: int) -> float:
     """Seconds per no-op task submitted through the runner (scheduling, serialisation, Prefect task-run records)."""
-    from polyculture.flows.runners import task_runner_for
     from prefect import flow, task
     from prefect.futures import wait
 
+    from polyculture.flows.runners import task_runner_for
     from polyculture.spec import RunnerSpec
 
     @task

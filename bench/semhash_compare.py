@@ -355,7 +355,7 @@ def plant(text: str, kind: str, rng: random.Random) -> str:
 def build_corpus(n: int, dup_rate: float, seed: int) -> tuple[list[str], list[int], list[str], dict]:
     """texts; source row of each planted duplicate (-1 for a base text); label of each text (a plant kind, or the
     origin of a base text: "natural" or "faker")."""
-    from polyculture.stages.dedup import normalize_text
+    from polyculture.index.text import normalize_text
 
     rng = random.Random(seed)
     n_planted = round(n * dup_rate)

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from polyculture.engines.chat_tokens import answer_logprobs, answer_tokens
-from polyculture.engines.models import resolve_chat_model
+from polyculture.engines.model_files import resolve_chat_model
 from polyculture.tuning.config import LoraSettings, TrainingSettings
 from polyculture.tuning.families import resolve_family
 from polyculture.tuning.loss import diffuse_loss

@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import small_spec_dict
 
-from polyculture.engines.base import SamplingParams, create_engine
+from polyculture.engines.base import SamplingParams
 from polyculture.engines.chat_tokens import answer_tokens
-from polyculture.engines.models import ModelUnavailable, resolve_chat_model
+from polyculture.engines.factory import create_engine
+from polyculture.engines.model_files import ModelUnavailable, resolve_chat_model
 from polyculture.engines.transformers_engine import TransformersEngine
 from polyculture.spec import ModelSpec, SpecError, parse_spec
 

@@ -17,6 +17,17 @@ import yaml
 from conftest import PROJECT
 
 from polyculture import progress
+from polyculture.compare.comparison import (
+    ALL_METHODS,
+    allocate_prompts,
+    comparison_report,
+    failed_method,
+    method_metrics,
+    method_spec,
+    parse_methods,
+    write_comparison,
+)
+from polyculture.metrics.answers import answer_summary, canonical_answers
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.overlap import (
     mean_pairwise_rouge_l,
@@ -25,18 +36,6 @@ from polyculture.metrics.overlap import (
     sample_pairs,
 )
 from polyculture.spec import SpecError, load_spec, parse_spec
-from polyculture.stages.compare import (
-    ALL_METHODS,
-    allocate_prompts,
-    answer_summary,
-    canonical_answers,
-    comparison_report,
-    failed_method,
-    method_metrics,
-    method_spec,
-    parse_methods,
-    write_comparison,
-)
 from polyculture.stages.rejects import reject, rejects_frame
 from polyculture.stages.validate import records_schema
 
@@ -303,7 +302,7 @@ def test_cli_refuses_unknown_method_before_any_work():
 
 @pytest.mark.slow
 def test_compare_methods_flow_real_run(tmp_path, prefect_server, one_torch_thread):
-    from polyculture.flows.compare_methods import compare_methods
+    from polyculture.compare.flow import compare_methods
 
     data = yaml.safe_load(NUMBERS.read_text())
     data["model"] |= {"engine": "transformers", "batch_size": 2}

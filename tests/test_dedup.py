@@ -6,8 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from polyculture.index.text import normalize_text
 from polyculture.stages import dedup as dedup_module
-from polyculture.stages.dedup import dedup, normalize_text
+from polyculture.stages.dedup import dedup
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -199,7 +200,7 @@ def test_every_index_kind_finds_the_planted_groups(kind):
 
 
 def test_dedup_against_a_reference(embedder, tmp_path):
-    from polyculture.stages.reference import ReferenceError, load_reference, locate_reference, write_reference
+    from polyculture.index.releases import ReferenceError, load_reference, locate_reference, write_reference
 
     released = ["How do I reset my password?", "The cat sat on the mat."]
     folder = write_reference(

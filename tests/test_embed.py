@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polyculture.engines.models import ModelUnavailable
+from polyculture.engines.model_files import ModelUnavailable
 from polyculture.stages import embed
 from polyculture.stages.embed import Embedder, load_embedder
 

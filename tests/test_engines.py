@@ -8,8 +8,9 @@ import os
 import jsonschema
 import pytest
 
-from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
-from polyculture.engines.models import ModelUnavailable, resolve_chat_model
+from polyculture.engines.base import Engine, EngineError, SamplingParams
+from polyculture.engines.factory import create_engine
+from polyculture.engines.model_files import ModelUnavailable, resolve_chat_model
 from polyculture.spec import ModelSpec
 
 NUMBER_SCHEMA = {
@@ -227,7 +228,7 @@ def test_vllm_cpu_refuses_more_workers_than_numa_nodes():
 _PIPELINE_SCRIPT = """
 import json, sys
 from polyculture.engines.base import SamplingParams
-from polyculture.engines.models import resolve_chat_model
+from polyculture.engines.model_files import resolve_chat_model
 from polyculture.engines.vllm_engine import VLLMEngine, VLLMParallel
 
 if __name__ == "__main__":

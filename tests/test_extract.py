@@ -7,7 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from polyculture.engines.base import Completion, create_engine
+from polyculture.engines.base import Completion
+from polyculture.engines.factory import create_engine
 from polyculture.spec import ModelSpec
 from polyculture.stages.extract import (
     EMPTY_TEXT,

@@ -11,6 +11,7 @@ import yaml
 from conftest import small_spec_dict
 from hub_server import HubServer
 from huggingface_hub import constants
+
 from polyculture.flows.build_dataset import build_dataset
 
 ALICE = "hf_aliceFLOWTOKEN0123456789SECRET"

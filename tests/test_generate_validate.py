@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from conftest import small_spec_dict
 
-from polyculture.engines.base import create_engine
+from polyculture.engines.factory import create_engine
 from polyculture.methods import get_method
 from polyculture.spec import parse_spec
 from polyculture.stages.generate import generate, generation_schema, render_prompts

@@ -24,8 +24,7 @@ from test_publish import final_frame, make_spec, report_dir, spec_dict
 from typer.testing import CliRunner
 
 from polyculture.cli import app
-from polyculture.spec import HubSpec
-from polyculture.stages.hub import (
+from polyculture.hub.push import (
     HubAuthError,
     HubConflict,
     HubError,
@@ -38,6 +37,7 @@ from polyculture.stages.hub import (
     push_dataset,
     resolve_token,
 )
+from polyculture.spec import HubSpec
 from polyculture.stages.publish import publish_local
 
 ALICE = "hf_aliceTOKEN0123456789abcdefSECRET"  # distinctive: searched for in every output

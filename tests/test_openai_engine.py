@@ -30,7 +30,8 @@ import httpx
 import jsonschema
 import pytest
 
-from polyculture.engines.base import Engine, EngineError, SamplingParams, create_engine
+from polyculture.engines.base import Engine, EngineError, SamplingParams
+from polyculture.engines.factory import create_engine
 from polyculture.engines.openai_engine import OpenAIEngine, _split
 from polyculture.spec import ModelSpec
 
@@ -113,7 +114,7 @@ def vllm_server(tmp_path_factory):
     """The real vLLM OpenAI-compatible server on 127.0.0.1; yields its base URL (…/v1)."""
     pytest.importorskip("vllm")
     psutil = pytest.importorskip("psutil")
-    from polyculture.engines.models import cache_root, resolve_chat_model
+    from polyculture.engines.model_files import cache_root, resolve_chat_model
 
     folder = resolve_chat_model(MODEL).path
     port = _free_port()

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
+from polyculture.report.figures import write_report
 from polyculture.spec import BuildSpec, parse_spec
 from polyculture.stages import publish
 from polyculture.stages.publish import PublishError, dataset_folder_name, publish_local, size_category
 from polyculture.stages.rejects import rejects_frame
-from polyculture.stages.report import write_report
 
 SCHEMA = {
     "type": "object",

@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from polyculture.report.figures import write_report
+from polyculture.report.reference_dataset import load_report_reference
 from polyculture.spec import BuildSpec, SpecError, parse_spec
-from polyculture.stages.report import write_report
-from polyculture.stages.report_reference import load_report_reference
 
 SCHEMA = {
     "type": "object",

@@ -20,9 +20,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from polyculture.report.figures import write_report
+from polyculture.report.reference_dataset import load_report_reference
 from polyculture.spec import BuildSpec, parse_spec
-from polyculture.stages.report import write_report
-from polyculture.stages.report_reference import load_report_reference
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_TIMEOUT_S = 120

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import small_spec_dict
-from polyculture.flows.build_dataset import build_dataset
-from polyculture.flows.runners import task_runner_for
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from polyculture.cli import app
+from polyculture.flows.build_dataset import build_dataset
+from polyculture.flows.runners import task_runner_for
 from polyculture.spec import RunnerSpec, parse_spec
 
 

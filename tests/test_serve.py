@@ -257,7 +257,6 @@ def served(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_serve_registers_the_deployment_and_the_scheduler_creates_its_runs(client, served):
     from polyculture.flows.schedules import next_run_times
-
     from polyculture.spec import ScheduleSpec
 
     deployment = _deployment(client, "tiny-bios", served["proc"])

@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from polyculture.stages import similarity_index as si
-from polyculture.stages.similarity_index import FLAT_MAX_ROWS, IndexPlan, Neighbors, SimilarityIndex, choose_index
+from polyculture.index import similarity as si
+from polyculture.index.similarity import FLAT_MAX_ROWS, IndexPlan, Neighbors, SimilarityIndex, choose_index
 
 DIM = 64
 THRESHOLD = 0.9

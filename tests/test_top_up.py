@@ -7,13 +7,13 @@ import json
 
 import polars as pl
 import pytest
+from conftest import small_spec_dict
 
 from polyculture.methods import get_method
 from polyculture.spec import parse_spec
 from polyculture.stages.generate import render_prompts
 from polyculture.stages.plan import plan
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
-from conftest import small_spec_dict
 
 
 def _spec(spec_dir, **overrides):

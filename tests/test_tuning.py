@@ -153,7 +153,7 @@ def base():
     """The embedded model in float32 and its tokenizer, loaded once; tests that train work on a deep copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from polyculture.engines.models import resolve_chat_model
+    from polyculture.engines.model_files import resolve_chat_model
 
     path = str(resolve_chat_model("smollm2-135m-instruct").path)
     threads = torch.get_num_threads()

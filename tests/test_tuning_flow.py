@@ -103,7 +103,7 @@ def test_a_saved_adapter_reproduces_the_tuned_models_probe(tuned: dict, tune_dir
     for option, share in in_memory["distribution"].items():
         assert result["exact"]["distribution"][option] == pytest.approx(share, abs=2e-3)
     # And the adapter folder alone names its base model.
-    from polyculture.engines.models import resolve_chat_model
+    from polyculture.engines.model_files import resolve_chat_model
 
     resolved = resolve_chat_model(tuned["adapter_dir"])
     assert resolved.adapter is not None and Path(resolved.adapter) == Path(tuned["adapter_dir"]).resolve()

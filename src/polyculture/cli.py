@@ -70,7 +70,7 @@ def _load(spec_path: Path) -> Any:
 
 def _check_models(spec: Any) -> None:
     """Resolve both models before any long work, so a missing model fails in seconds, not after minutes."""
-    from polyculture.engines.models import (
+    from polyculture.engines.model_files import (
         ModelUnavailable,
         resolve_chat_model,
         resolve_embedding_model,
@@ -82,7 +82,7 @@ def _check_models(spec: Any) -> None:
         resolve_embedding_model(spec.dedup.embedding_model, spec.base_dir)
     except ModelUnavailable as exc:
         _fail(str(exc), 3)
-    from polyculture.stages.similarity_index import choose_index
+    from polyculture.index.similarity import choose_index
 
     try:  # a GPU index asked for where FAISS has no GPU build fails now, not after generation
         choose_index(1, kind=spec.dedup.index, device=spec.dedup.device)
@@ -160,15 +160,15 @@ def build(
     from polyculture import progress
     from polyculture.engines.base import EngineError
     from polyculture.flows.runners import RunnerUnavailable
-    from polyculture.stages.hub import HubError
-    from polyculture.stages.runs import RunBusy
+    from polyculture.hub.push import HubError
+    from polyculture.runs.folders import RunBusy
 
     spec = _load(spec_path)
     _check_models(spec)
     runner_choice = _runner_choice(spec, runner, runner_address, workers)
     hub = spec.publish.hub
     if hub is not None and hub.push_on_build:
-        from polyculture.stages.hub import preflight
+        from polyculture.hub.push import preflight
 
         try:  # a bad token or a repo we cannot write fails now, not after the generation
             preflight(hub)
@@ -249,8 +249,8 @@ def index(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Index a reference dataset (or an earlier release) so builds can dedup against it (dedup.reference)."""
+    from polyculture.index.releases import ReferenceError, read_texts, write_reference
     from polyculture.stages.embed import load_embedder
-    from polyculture.stages.reference import ReferenceError, read_texts, write_reference
 
     try:
         ids, texts = read_texts(source, text_field, id_field)
@@ -295,7 +295,7 @@ def publish(
     8 other Hub refusal.
     """
     from polyculture import progress
-    from polyculture.stages.hub import HubError, hub_settings, locate_run, push_dataset
+    from polyculture.hub.push import HubError, hub_settings, locate_run, push_dataset
 
     bar = _progress_bar(quiet, label_width=6, transient=True)
     try:
@@ -342,9 +342,9 @@ def compare_methods_command(
     """Run several prompting methods on SPEC with the same generated-token budget and compare their diversity,
     validity, answer coverage and calibration (comparison.json, comparison.md and a chart)."""
     from polyculture import progress
+    from polyculture.compare.comparison import format_value, parse_methods, summary_columns
     from polyculture.engines.base import EngineError
     from polyculture.spec import SpecError
-    from polyculture.stages.compare import format_value, parse_methods, summary_columns
 
     spec = _load(spec_path)
     try:
@@ -352,7 +352,7 @@ def compare_methods_command(
     except SpecError as exc:
         _fail(str(exc))
     _check_models(spec)
-    from polyculture.flows.compare_methods import compare_methods
+    from polyculture.compare.flow import compare_methods
 
     bar = _progress_bar(quiet, label_width=18)
     try:
@@ -534,7 +534,7 @@ def schema(
 @app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the embedded models (usable offline by name)."""
-    from polyculture.engines.models import (
+    from polyculture.engines.model_files import (
         EMBEDDED_CHAT_MODELS,
         EMBEDDED_EMBEDDING_MODELS,
     )
@@ -602,8 +602,9 @@ def probe(
     normalised entropy, coverage, KL to the target, top option's share, invalid-output rate."""
     from pydantic import ValidationError
 
-    from polyculture.engines.base import EngineError, create_engine
-    from polyculture.engines.models import ModelUnavailable
+    from polyculture.engines.base import EngineError
+    from polyculture.engines.factory import create_engine
+    from polyculture.engines.model_files import ModelUnavailable
     from polyculture.spec import ModelSpec
     from polyculture.tuning.families import FamilyError, resolve_family
     from polyculture.tuning.probe import answer_token_cap, engine_tokenizer, probe_family
@@ -664,7 +665,7 @@ def tune(
     `model.adapter` in a build spec)."""
     from polyculture import progress
     from polyculture.engines.base import EngineError
-    from polyculture.engines.models import ModelUnavailable
+    from polyculture.engines.model_files import ModelUnavailable
     from polyculture.tuning.config import TuneConfigError, config_families, load_tune_config
     from polyculture.tuning.report import fmt
 

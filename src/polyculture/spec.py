@@ -27,8 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from polyculture.engines.base import ADAPTER_WITH_SERVER
-from polyculture.engines.models import (
+from polyculture.engines.model_files import (
     EMBEDDED_CHAT_MODELS,
     EMBEDDED_EMBEDDING_MODELS,
     ModelUnavailable,
@@ -36,6 +35,10 @@ from polyculture.engines.models import (
     locate_adapter,
 )
 
+ADAPTER_WITH_SERVER = (
+    "engine 'openai' cannot apply a local adapter: the server serves its own adapters. Load the adapter into the "
+    "server (vLLM: --enable-lora --lora-modules NAME=FOLDER) and give that served name as model.name instead"
+)
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -434,7 +437,7 @@ class DedupSpec(_Strict):
     @field_validator("reference")
     @classmethod
     def _references_exist(cls, folders: list[str], info: ValidationInfo) -> list[str]:
-        from polyculture.stages.reference import ReferenceError, locate_reference
+        from polyculture.index.releases import ReferenceError, locate_reference
 
         for folder in folders:
             try:

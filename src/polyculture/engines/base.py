@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from polyculture.spec import ModelSpec
+from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 Conversation = list[Message]
@@ -57,55 +53,3 @@ class Engine(Protocol):
 
 class EngineError(RuntimeError):
     """An engine that cannot start or run; the message says why."""
-
-
-ADAPTER_WITH_SERVER = (
-    "engine 'openai' cannot apply a local adapter: the server serves its own adapters. Load the adapter into the "
-    "server (vLLM: --enable-lora --lora-modules NAME=FOLDER) and give that served name as model.name instead"
-)
-
-
-def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = ".") -> Engine:
-    """Build the engine a spec's `model:` section describes; imports are lazy so one engine's dependencies never
-    load for another."""
-    from polyculture.engines.models import resolve_chat_model
-
-    if model.engine == "transformers":
-        from polyculture.engines.transformers_engine import TransformersEngine
-
-        resolved = resolve_chat_model(model.name, Path(base_dir), adapter=model.adapter)
-        return TransformersEngine(resolved, seed=seed, dtype=model.dtype)
-    if model.engine == "vllm":
-        from polyculture.engines.vllm_engine import VLLMEngine, VLLMParallel
-
-        resolved = resolve_chat_model(model.name, Path(base_dir), adapter=model.adapter)
-        return VLLMEngine(
-            resolved,
-            seed=seed,
-            dtype=model.dtype,
-            max_model_len=model.max_model_len,
-            parallel=VLLMParallel(
-                tensor=model.tensor_parallel_size,
-                pipeline=model.pipeline_parallel_size,
-                data=model.data_parallel_size,
-                gpu_memory_utilization=model.gpu_memory_utilization,
-            ),
-            engine_args=model.engine_args,
-        )
-    if model.engine == "openai":
-        from polyculture.engines.openai_engine import OpenAIEngine
-
-        if model.adapter is not None:
-            raise EngineError(ADAPTER_WITH_SERVER)
-        if not model.base_urls:
-            raise EngineError("engine 'openai' needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIEngine(
-            model.name,
-            base_url=model.base_urls,
-            api_key_env=model.api_key_env,
-            max_concurrency=model.max_concurrency,
-            request_timeout=model.request_timeout,
-            max_retries=model.max_retries,
-            seed=seed,
-        )
-    raise EngineError(f"unknown engine '{model.engine}'; allowed: vllm, transformers, openai")

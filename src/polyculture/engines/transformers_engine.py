@@ -16,7 +16,7 @@ from polyculture.engines.base import (
     SamplingParams,
 )
 from polyculture.engines.chat_tokens import AnswerTokens, TokenizationMismatch, answer_logprobs, answer_tokens
-from polyculture.engines.models import ResolvedModel
+from polyculture.engines.model_files import ResolvedModel
 
 
 class TransformersEngine:

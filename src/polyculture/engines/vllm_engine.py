@@ -33,7 +33,7 @@ from polyculture.engines.base import (
     SamplingParams,
 )
 from polyculture.engines.chat_tokens import TokenizationMismatch, answer_tokens
-from polyculture.engines.models import ModelUnavailable, ResolvedModel, adapter_info, cache_root
+from polyculture.engines.model_files import ModelUnavailable, ResolvedModel, adapter_info, cache_root
 
 # LoRAConfig.max_lora_rank accepts only these in vLLM 0.32; _lora_ranks() asks the installed vLLM first.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

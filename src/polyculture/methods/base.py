@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from polyculture.engines.base import Conversation
 from polyculture.methods.selection import Selection
-
-if TYPE_CHECKING:
-    from polyculture.spec import MethodSpec
 
 # Keys that describe a schema document rather than constrain a value; dropped when a schema is nested.
 _SCHEMA_META_KEYS = ("$schema", "$id", "title", "description", "examples")
@@ -119,42 +116,3 @@ def responses_list(value: Any) -> tuple[list[Any] | None, str | None]:
     if not responses:
         return None, '"responses" is empty'
     return responses, None
-
-
-def get_method(spec: MethodSpec | str, **options: Any) -> Method:
-    """The method a spec's `method:` section describes (or a name plus MethodSpec fields, for tests and benches)."""
-    from polyculture.methods.cot import CoT
-    from polyculture.methods.direct import Direct
-    from polyculture.methods.multi_turn import MultiTurn
-    from polyculture.methods.sequence import Sequence
-    from polyculture.methods.vs_cot import VSCoT
-    from polyculture.methods.vs_multi import VSMulti
-    from polyculture.methods.vs_standard import VSStandard
-    from polyculture.spec import MethodSpec
-
-    if isinstance(spec, str):
-        try:
-            spec = MethodSpec(name=spec, **options)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise ValueError(f"unknown method '{spec}' or bad options {options}: {exc}") from None
-    if spec.name == "direct":
-        return Direct()
-    if spec.name == "cot":
-        return CoT()
-    if spec.name == "sequence":
-        return Sequence(k=spec.k)
-    if spec.name == "multi_turn":
-        return MultiTurn(k=spec.k)
-    vs_options: dict[str, Any] = {
-        "k": spec.k,
-        "probability_definition": spec.probability_definition,
-        "probability_threshold": spec.probability_threshold,
-        "selection": Selection.from_spec(spec),
-    }
-    if spec.name == "vs_standard":
-        return VSStandard(**vs_options)
-    if spec.name == "vs_cot":
-        return VSCoT(**vs_options)
-    if spec.name == "vs_multi":
-        return VSMulti(turns=spec.turns, **vs_options)
-    raise ValueError(f"method '{spec.name}' is not implemented")

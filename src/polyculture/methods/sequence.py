@@ -22,7 +22,7 @@ def sequence_instructions(k: int) -> str:
     )
 
 
-class Sequence(SingleTurn):
+class SequenceMethod(SingleTurn):
     name = "sequence"
 
     def __init__(self, k: int = 5) -> None:

@@ -9,9 +9,6 @@ texts through their neighbours). The FAISS index is chosen by size (stages/simil
 
 from __future__ import annotations
 
-import hashlib
-import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,10 +16,11 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from polyculture.stages.embed import normalise_rows
-from polyculture.stages.reference import Reference
+from polyculture.index.releases import Reference
+from polyculture.index.similarity import SIMILARITY_TOLERANCE, SimilarityIndex, choose_index
+from polyculture.index.text import text_hash
+from polyculture.index.vectors import normalise_rows
 from polyculture.stages.rejects import REJECTS_SCHEMA
-from polyculture.stages.similarity_index import SIMILARITY_TOLERANCE, SimilarityIndex, choose_index
 
 STAGE = "dedup"
 CLUSTERS_SCHEMA = {
@@ -38,35 +36,12 @@ KEEP_POLICIES = ("first", "probability", "central")
 # also bounds the memory of one result set.
 QUERY_CHUNK = 1024
 
-_WHITESPACE = re.compile(r"\s+")
-
-
 @dataclass(frozen=True)
 class DedupResult:
     kept: pl.DataFrame
     kept_embeddings: np.ndarray
     rejects: pl.DataFrame
     clusters: pl.DataFrame
-
-
-def normalize_text(text: str) -> str:
-    """Casefolded NFKC text with whitespace collapsed and punctuation stripped from both ends."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _WHITESPACE.sub(" ", text).strip()
-    start, end = 0, len(text)
-    while start < end and (_is_punct(text[start]) or text[start].isspace()):
-        start += 1
-    while end > start and (_is_punct(text[end - 1]) or text[end - 1].isspace()):
-        end -= 1
-    return text[start:end]
-
-
-def _is_punct(char: str) -> bool:
-    return unicodedata.category(char).startswith("P")
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
 
 
 def dedup(

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from polyculture.engines.models import (
+from polyculture.engines.model_files import (
     EMBEDDED_EMBEDDING_MODELS,
     cache_root,
     resolve_embedding_model,
 )
+from polyculture.index.vectors import normalise_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def model_cache_key(name: str, path: Path) -> str:
     if name in EMBEDDED_EMBEDDING_MODELS:
         return slug
     return f"{slug[:80]}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
-
-
-def normalise_rows(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32, C-contiguous), so inner product = cosine."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    # A zero vector stays zero rather than becoming NaN.
-    return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
 class Embedder:

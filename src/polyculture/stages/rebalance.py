@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from polyculture.index.vectors import normalise_rows
 from polyculture.spec import Attribute, CellWeight
 from polyculture.stages.plan import cell_key, joint_targets, marginal_quotas, marginal_targets, table_targets
-from polyculture.stages.embed import normalise_rows
 from polyculture.stages.rejects import reject, rejects_frame
 
 STAGE = "rebalance"

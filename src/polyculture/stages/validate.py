@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 import polars as pl
 
+from polyculture.index.text import clip
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
-from polyculture.stages.files import clip
 from polyculture.stages.rejects import reject, rejects_frame
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from polyculture.stages.files import jsonable
+from polyculture.runs.files import jsonable
 
 ADAPTER_METADATA = "polyculture-adapter.json"
 

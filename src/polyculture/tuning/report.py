@@ -9,7 +9,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from polyculture.stages.files import jsonable, md_cell, write_text_atomic
+from polyculture.report.format import md_cell
+from polyculture.runs.files import jsonable, write_text_atomic
 
 
 def headline(probe: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from polyculture.stages.embed import normalise_rows
-from polyculture.stages.similarity_index import SimilarityIndex, choose_index
+from polyculture.index.similarity import SimilarityIndex, choose_index
+from polyculture.index.vectors import normalise_rows
 
 FORMAT = 1
 MANIFEST = "reference.json"
@@ -70,7 +70,7 @@ def write_reference(
     source: str,
 ) -> Path:
     """Index the records (their normalised-text hashes and embeddings) into `folder`, replacing it whole."""
-    from polyculture.stages.dedup import text_hash
+    from polyculture.index.text import text_hash
 
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(record_ids) or len(texts) != len(record_ids):

@@ -1,4 +1,4 @@
-"""Writing run files: strict JSON values, atomic text writes, Markdown table cells. Shared by report and compare."""
+"""Writing run files: strict JSON values and atomic text writes."""
 
 from __future__ import annotations
 
@@ -33,17 +33,3 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def clip(text: str | None, limit: int) -> str:
-    """At most `limit` characters, with "..." where it was cut."""
-    text = text or ""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def md_cell(value: Any, limit: int | None = None) -> str:
-    """Table-safe text: one line, pipes escaped, clipped to `limit` characters."""
-    text = "" if value is None else " ".join(str(value).split())
-    if limit is not None:
-        text = clip(text, limit)
-    return text.replace("|", "\\|")

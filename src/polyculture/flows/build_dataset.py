@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
-from polyculture.flows.runners import task_runner_for
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
@@ -26,20 +24,22 @@ from prefect.task_runners import TaskRunner
 
 from polyculture import progress
 from polyculture.engines.base import Engine
+from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
+from polyculture.flows.runners import task_runner_for
+from polyculture.hub.push import HubError, push_dataset
+from polyculture.index.releases import Reference, load_reference, locate_reference, write_reference
 from polyculture.methods import get_method
+from polyculture.report.figures import write_report
+from polyculture.report.reference_dataset import load_report_reference
+from polyculture.runs.files import write_text_atomic
+from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.spec import BuildSpec, RunnerSpec, load_spec
 from polyculture.stages.dedup import dedup
 from polyculture.stages.extract import extract_attributes
-from polyculture.stages.files import write_text_atomic
 from polyculture.stages.generate import Shard, concat_shards, plan_shards, read_shard, run_shard, write_shard
-from polyculture.stages.hub import HubError, push_dataset
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import dataset_folder_name, publish_local
 from polyculture.stages.rebalance import rebalance
-from polyculture.stages.reference import Reference, load_reference, locate_reference, write_reference
-from polyculture.stages.report import write_report
-from polyculture.stages.report_reference import load_report_reference
-from polyculture.stages.runs import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
 from polyculture.stages.validate import validate
 

@@ -94,9 +94,10 @@ def next_run_times(schedule: ScheduleSpec, count: int = 3, after: datetime | Non
 
 def to_deployment(item: ScheduledSpec) -> RunnerDeployment:
     """The Prefect deployment for one spec (nothing is sent to a server here)."""
-    from polyculture.flows.build_dataset import build_dataset
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
+
+    from polyculture.flows.build_dataset import build_dataset
 
     schedule = item.spec.schedule
     when = f"cron '{schedule.cron}' ({schedule.timezone})" if schedule else "on demand only"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,15 +53,16 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from polyculture.engines.base import Engine
+from polyculture.index.text import normalize_text
 from polyculture.methods.base import Method
-from polyculture.metrics.attribute import attribute_summary
+from polyculture.metrics.answers import answer_summary, canonical_answers
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.lexical import distinct_n, tokenize
 from polyculture.metrics.overlap import DEFAULT_MAX_PAIRS, mean_pairwise_rouge_l
 from polyculture.metrics.semantic import semantic_diversity
+from polyculture.report.format import md_cell
+from polyculture.runs.files import jsonable, write_text_atomic
 from polyculture.spec import BuildSpec, MethodName, MethodSpec, SpecError
-from polyculture.stages.dedup import normalize_text
-from polyculture.stages.files import jsonable, md_cell, write_text_atomic
 from polyculture.stages.generate import generate
 from polyculture.stages.rejects import rejects_frame
 from polyculture.stages.validate import ValidationResult, validate
@@ -225,32 +225,6 @@ def validate_rounds(spec: BuildSpec, rounds: Sequence[pl.DataFrame], method: Met
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------------
-
-
-def canonical_answers(values: Sequence[str | None], allowed: Sequence[str]) -> list[str | None]:
-    """Each value as the allowed value it matches after normalize_text, else unchanged (an off-set answer)."""
-    lookup: dict[str, str] = {}
-    for value in allowed:
-        lookup.setdefault(normalize_text(value), value)
-    return [None if v is None else lookup.get(normalize_text(v), v) for v in values]
-
-
-def answer_summary(values: Sequence[str | None], target: dict[str, float]) -> dict[str, Any]:
-    """attribute_summary over canonical answers, plus in_set_rate, in_set, top_answer and top_share."""
-    answers = canonical_answers(values, list(target))
-    summary = attribute_summary(answers, target)
-    n = len(answers)
-    tally = Counter(a for a in answers if a is not None)
-    top = min(tally.items(), key=lambda vc: (-vc[1], str(vc[0])), default=(None, 0))
-    in_set = sum(summary["counts"].values())
-    return summary | {
-        "set_size": len(target),
-        "distinct_in_set": sum(1 for c in summary["counts"].values() if c),
-        "in_set": in_set,
-        "in_set_rate": in_set / n if n else None,
-        "top_answer": top[0],
-        "top_share": top[1] / n if n else None,
-    }
 
 
 def method_metrics(

@@ -16,15 +16,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from polyculture.flows.common import embed_task, load_engine
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
-from polyculture.engines.base import Engine
-from polyculture.methods import Method, get_method
-from polyculture.spec import BuildSpec, load_spec
-from polyculture.stages.compare import (
+from polyculture.compare.comparison import (
     ALL_METHODS,
     BudgetedGeneration,
     comparison_report,
@@ -36,8 +32,12 @@ from polyculture.stages.compare import (
     validate_rounds,
     write_comparison,
 )
+from polyculture.engines.base import Engine
+from polyculture.flows.common import embed_task, load_engine
+from polyculture.methods import Method, get_method
+from polyculture.runs.folders import new_run_id
+from polyculture.spec import BuildSpec, load_spec
 from polyculture.stages.plan import plan
-from polyculture.stages.runs import new_run_id
 from polyculture.stages.validate import ValidationResult
 
 DEFAULT_BUDGET_TOKENS = 2000

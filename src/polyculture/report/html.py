@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-from polyculture.stages.report import DIVERSITY_ROWS, STAGES
+from polyculture.report.figures import DIVERSITY_ROWS, STAGES
 
 # Metrics where a lower value means more diverse; every other diversity row reads "higher is more diverse".
 LOWER_IS_MORE_DIVERSE = {

@@ -14,9 +14,9 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
-from polyculture.engines.base import create_engine
+from polyculture.engines.factory import create_engine
+from polyculture.runs.files import jsonable, write_text_atomic
 from polyculture.spec import ModelSpec
-from polyculture.stages.files import jsonable, write_text_atomic
 from polyculture.tuning.families import resolve_family
 from polyculture.tuning.probe import answer_token_cap, engine_tokenizer, probe_family
 from polyculture.tuning.report import probe_markdown

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from polyculture.index.text import clip
 from polyculture.metrics.attribute import attribute_summary
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.conceptual import conceptual_diversity, individual_key
@@ -35,10 +36,11 @@ from polyculture.metrics.monoculture import compare_dispersion, value_dispersion
 from polyculture.metrics.self_bleu import self_bleu
 from polyculture.metrics.semantic import mean_pairwise_similarity, nearest_neighbour_similarity, semantic_diversity
 from polyculture.metrics.vendi import vendi_score
+from polyculture.report.format import md_cell
+from polyculture.report.plots import plot_attribute, plot_embedding_map, plot_similarity, project_2d
+from polyculture.runs.files import jsonable, write_text_atomic
 from polyculture.spec import Attribute, BuildSpec
-from polyculture.stages.files import clip, jsonable, md_cell, write_text_atomic
 from polyculture.stages.plan import largest_remainder
-from polyculture.stages.report_plots import plot_attribute, plot_embedding_map, plot_similarity, project_2d
 
 REJECT_EXAMPLES = 3
 EXAMPLE_CHARS = 200  # reject details can hold whole completions; the report only needs a glimpse
@@ -173,7 +175,7 @@ def write_report(
     }
     report = jsonable(report)
 
-    from polyculture.stages.report_html import render_html  # the template engine is only needed here
+    from polyculture.report.html import render_html  # the template engine is only needed here
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
@@ -239,8 +241,8 @@ def _calibration(spec: BuildSpec, frame: pl.DataFrame, texts: list[str]) -> dict
         return None
     if "call_id" not in frame.columns or "verbalized_probability" not in frame.columns:
         return None
-    from polyculture.stages.compare import canonical_answers  # the same keys as compare-methods uses
-    from polyculture.stages.dedup import normalize_text
+    from polyculture.index.text import normalize_text
+    from polyculture.metrics.answers import canonical_answers  # the same keys as compare-methods uses
 
     field_attrs = [a for a in spec.field_attributes if a.name in frame.columns]
     if field_attrs:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from polyculture.index.releases import ReferenceError, read_table, source_files
 from polyculture.spec import BuildSpec, SpecError
-from polyculture.stages.reference import ReferenceError, read_table, source_files
 
 
 def load_report_reference(spec: BuildSpec) -> pl.DataFrame | None:

@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from polyculture import progress
 from polyculture.engines.transformers_engine import TransformersEngine
-from polyculture.stages.files import jsonable, write_text_atomic
+from polyculture.runs.files import jsonable, write_text_atomic
 from polyculture.tuning.adapter import save_adapter
 from polyculture.tuning.config import ProbeSettings, TuneConfig, config_families, load_tune_config
 from polyculture.tuning.families import TaskFamily
@@ -34,7 +34,7 @@ def new_tune_run_id(config: TuneConfig) -> str:
 
 @task(name="load base model", cache_policy=NONE)
 def load_base_task(config: TuneConfig, base_dir: Path) -> TransformersEngine:
-    from polyculture.engines.models import resolve_chat_model
+    from polyculture.engines.model_files import resolve_chat_model
 
     progress.report("load model", 0, 1, config.model)
     # float32: CPU training in bf16 is slower and loses the small LoRA updates.

@@ -12,7 +12,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
-from polyculture.engines.base import Engine, create_engine
+from polyculture.engines.base import Engine
+from polyculture.engines.factory import create_engine
 from polyculture.spec import BuildSpec
 from polyculture.stages.embed import load_embedder
 
