@@ -231,6 +231,7 @@ def main() -> None:
     if args.stage:
         import polars as pl
 
+        from polyculture.spec import DedupSpec
         from polyculture.stages.dedup import dedup
 
         frame = pl.DataFrame(
@@ -238,7 +239,7 @@ def main() -> None:
              "text": [f"text {i}" for i in range(args.n)]}
         )  # fmt: skip
         started = time.perf_counter()
-        result = dedup(frame, vectors, args.threshold)
+        result = dedup(frame, vectors, DedupSpec(threshold=args.threshold))
         report["stage_s"] = round(time.perf_counter() - started, 1)
         report["stage_dropped"] = int(result.rejects.height)
         log(f"dedup stage {report['stage_s']} s, {report['stage_dropped']} dropped")

@@ -15,9 +15,9 @@ from pathlib import Path
 from polyculture.engines.base import SamplingParams
 from polyculture.engines.factory import create_engine
 from polyculture.methods import get_method
-from polyculture.spec import load_spec
-from polyculture.stages.generate import generation_schema, render_prompts
+from polyculture.preflight import load_spec
 from polyculture.stages.plan import plan
+from polyculture.stages.prompts import generation_schema, render_prompts
 
 
 def main() -> None:

@@ -438,10 +438,11 @@ def limit_usearch_threads(threads: int) -> None:
 
 
 def run_ours(frame, vectors, threshold: float) -> tuple[float, dict[int, tuple[str, str]]]:
+    from polyculture.spec import DedupSpec
     from polyculture.stages.dedup import dedup
 
     started = time.perf_counter()
-    result = dedup(frame, vectors, threshold)
+    result = dedup(frame, vectors, DedupSpec(threshold=threshold))
     seconds = time.perf_counter() - started
     removed = {
         int(rid[1:]): (reason, detail)

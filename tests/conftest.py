@@ -92,7 +92,7 @@ def prefect_server():
 
 @pytest.fixture
 def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two busy-waiting thread pools slow decoding tens of times (STACK.md),
+    """One intra-op thread: on 2 shared cores, two busy-waiting thread pools slow decoding tens of times,
     and one thread costs little for a model this small."""
     import torch
 

@@ -21,7 +21,8 @@ from polyculture.engines.chat_tokens import answer_tokens
 from polyculture.engines.factory import create_engine
 from polyculture.engines.model_files import ModelUnavailable, resolve_chat_model
 from polyculture.engines.transformers_engine import TransformersEngine
-from polyculture.spec import ModelSpec, SpecError, parse_spec
+from polyculture.preflight import parse_spec
+from polyculture.spec import ModelSpec, SpecError
 
 BASE = "smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

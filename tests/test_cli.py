@@ -88,3 +88,18 @@ def test_index_writes_a_reference_a_spec_can_use(spec_dir, tmp_path, private_cac
     assert refused.returncode == 2 and "dedup.reference" in refused.stderr and "not a reference index" in refused.stderr
     missing = _run("index", str(source), str(tmp_path / "ref2"), "--text-field", "nope")
     assert missing.returncode == 2 and "no column 'nope'" in missing.stderr
+
+
+def test_one_exit_code_table_names_real_exceptions():
+    import importlib
+
+    from polyculture.cli.errors import EXIT_CODES, exit_code_for
+    from polyculture.hub import push
+
+    for key in EXIT_CODES:
+        module, name = key.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Exception) and f"{cls.__module__}.{cls.__qualname__}" == key
+    hub_errors = [push.HubError, *push.HubError.__subclasses__()]
+    assert all(exit_code_for(cls("x")) == cls.exit_code for cls in hub_errors)
+    assert exit_code_for(ValueError("not a failure the commands report")) is None

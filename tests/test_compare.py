@@ -17,16 +17,9 @@ import yaml
 from conftest import PROJECT
 
 from polyculture import progress
-from polyculture.compare.comparison import (
-    ALL_METHODS,
-    allocate_prompts,
-    comparison_report,
-    failed_method,
-    method_metrics,
-    method_spec,
-    parse_methods,
-    write_comparison,
-)
+from polyculture.compare.budget import ALL_METHODS, allocate_prompts, method_spec, parse_methods
+from polyculture.compare.metrics import comparison_report, failed_method, method_metrics
+from polyculture.compare.render import write_comparison
 from polyculture.metrics.answers import answer_summary, canonical_answers
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.overlap import (
@@ -35,7 +28,8 @@ from polyculture.metrics.overlap import (
     rouge_l,
     sample_pairs,
 )
-from polyculture.spec import SpecError, load_spec, parse_spec
+from polyculture.preflight import load_spec, parse_spec
+from polyculture.spec import SpecError
 from polyculture.stages.rejects import reject, rejects_frame
 from polyculture.stages.validate import records_schema
 

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from polyculture.index.text import normalize_text
+from polyculture.spec import DedupSpec
 from polyculture.stages import dedup as dedup_module
 from polyculture.stages.dedup import dedup
 
@@ -33,7 +34,7 @@ def test_normalize_text():
 
 def test_exact_duplicates_differing_in_case_and_whitespace(embedder):
     texts = ["Hello, world!", "  hello,   WORLD ", "Hello, world.", "Something else entirely about trains."]
-    result = dedup(records(texts), embedder.encode(texts), threshold=0.999)
+    result = dedup(records(texts), embedder.encode(texts), DedupSpec(threshold=0.999))
     assert result.kept["record_id"].to_list() == ["r0", "r3"]
     assert result.rejects["record_id"].to_list() == ["r1", "r2"]
     assert set(result.rejects["reason"]) == {"exact_duplicate"}
@@ -52,7 +53,7 @@ def test_near_duplicate_paraphrases(embedder):
         "She plays the violin in an orchestra.",
     ]
     emb = embedder.encode(texts)
-    result = dedup(records(texts), emb, threshold=0.9)
+    result = dedup(records(texts), emb, DedupSpec(threshold=0.9))
 
     assert result.kept["record_id"].to_list() == ["r0", "r1", "r4", "r5"]
     rejects = {r["record_id"]: r for r in result.rejects.iter_rows(named=True)}
@@ -64,7 +65,7 @@ def test_near_duplicate_paraphrases(embedder):
     np.testing.assert_array_equal(result.kept_embeddings, emb[[0, 1, 4, 5]])
 
     # at a stricter threshold the 0.93 paraphrase is distinct, the 0.99 one still a duplicate
-    strict = dedup(records(texts), emb, threshold=0.95)
+    strict = dedup(records(texts), emb, DedupSpec(threshold=0.95))
     assert strict.kept["record_id"].to_list() == ["r0", "r1", "r2", "r4", "r5"]
 
 
@@ -75,7 +76,7 @@ def test_distinct_texts_all_kept(embedder):
         "Quantum chromodynamics describes quarks and gluons.",
         "She plays the violin in an orchestra.",
     ]
-    result = dedup(records(texts), embedder.encode(texts), threshold=0.8)
+    result = dedup(records(texts), embedder.encode(texts), DedupSpec(threshold=0.8))
     assert result.kept.height == 4
     assert result.rejects.height == 0
     assert result.clusters["cluster_id"].to_list() == [0, 1, 2, 3]
@@ -84,7 +85,7 @@ def test_distinct_texts_all_kept(embedder):
 def test_clusters_frame(embedder):
     texts = ["The cat sat on the mat.", "the cat sat on the mat", "Stocks dropped.", "A cat was sitting on the mat."]
     emb = embedder.encode(texts)
-    result = dedup(records(texts), emb, threshold=0.9)
+    result = dedup(records(texts), emb, DedupSpec(threshold=0.9))
     clusters = result.clusters
     assert clusters.schema == {
         "record_id": pl.String,
@@ -108,14 +109,14 @@ def test_greedy_chain_does_not_merge_distinct_texts():
     # unit vectors 18.2 degrees apart: cos(a,b) = cos(b,c) = 0.95, cos(a,c) = 0.805
     angles = np.radians([0.0, 18.19, 36.38])
     emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
-    result = dedup(records(["a", "b", "c"]), emb, threshold=0.9)
+    result = dedup(records(["a", "b", "c"]), emb, DedupSpec(threshold=0.9))
     assert result.kept["record_id"].to_list() == ["r0", "r2"]  # b goes; c is only close to the dropped b
     assert result.rejects["detail"].to_list()[0].startswith("duplicate of r0 (cosine 0.95")
 
 
 def test_identical_vectors_are_duplicates_at_threshold_one():
     emb = np.tile(np.array([[0.6, 0.8, 0.0]], dtype=np.float32), (2, 1))
-    result = dedup(records(["first text", "second text"]), emb, threshold=1.0)
+    result = dedup(records(["first text", "second text"]), emb, DedupSpec(threshold=1.0))
     assert result.kept["record_id"].to_list() == ["r0"]
     assert result.rejects["reason"].to_list() == ["near_duplicate"]
 
@@ -126,9 +127,9 @@ def test_chunked_range_search_gives_the_same_answer(monkeypatch):
     emb = np.vstack([base, base + rng.normal(scale=0.05, size=base.shape).astype(np.float32)])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     frame = records([f"text {i}" for i in range(12)])
-    whole = dedup(frame, emb, threshold=0.95)
+    whole = dedup(frame, emb, DedupSpec(threshold=0.95))
     monkeypatch.setattr(dedup_module, "QUERY_CHUNK", 5)
-    chunked = dedup(frame, emb, threshold=0.95)
+    chunked = dedup(frame, emb, DedupSpec(threshold=0.95))
     assert whole.kept["record_id"].to_list() == [f"r{i}" for i in range(6)]
     assert chunked.kept["record_id"].to_list() == whole.kept["record_id"].to_list()
     assert chunked.clusters.equals(whole.clusters)
@@ -137,11 +138,11 @@ def test_chunked_range_search_gives_the_same_answer(monkeypatch):
 def test_misaligned_input_refused(embedder):
     texts = ["one", "two", "three"]
     with pytest.raises(ValueError, match="3 records but 2 embedding rows"):
-        dedup(records(texts), embedder.encode(texts[:2]), threshold=0.9)
+        dedup(records(texts), embedder.encode(texts[:2]), DedupSpec(threshold=0.9))
 
 
 def test_empty_frame():
-    result = dedup(records([]), np.zeros((0, 384), dtype=np.float32), threshold=0.9)
+    result = dedup(records([]), np.zeros((0, 384), dtype=np.float32), DedupSpec(threshold=0.9))
     assert result.kept.height == 0
     assert result.kept_embeddings.shape == (0, 384)
     assert result.rejects.height == 0
@@ -162,13 +163,13 @@ def test_keep_probability_keeps_the_most_likely_member(embedder):
     texts = ["How do I reset my password?", "How can I reset my password?", "Photosynthesis needs sunlight."]
     frame = records(texts).with_columns(verbalized_probability=pl.Series([0.1, 0.7, None], dtype=pl.Float64))
     emb = embedder.encode(texts)
-    assert dedup(frame, emb, 0.9).kept["record_id"].to_list() == ["r0", "r2"]  # first wins by default
-    result = dedup(frame, emb, 0.9, keep="probability")
+    assert dedup(frame, emb, DedupSpec(threshold=0.9)).kept["record_id"].to_list() == ["r0", "r2"]  # first wins by default
+    result = dedup(frame, emb, DedupSpec(threshold=0.9, keep="probability"))
     assert result.kept["record_id"].to_list() == ["r1", "r2"]
     assert result.clusters.filter(pl.col("record_id") == "r0")["representative_id"].to_list() == ["r1"]
     # exact duplicates follow the same order: the likelier copy represents the other
     same = records(["Same text.", "same text"]).with_columns(verbalized_probability=pl.Series([0.2, 0.9]))
-    assert dedup(same, embedder.encode(["Same text.", "same text"]), 0.9, keep="probability").kept[
+    assert dedup(same, embedder.encode(["Same text.", "same text"]), DedupSpec(threshold=0.9, keep="probability")).kept[
         "record_id"
     ].to_list() == ["r1"]
 
@@ -178,44 +179,50 @@ def test_keep_central_keeps_the_member_most_like_the_rest():
     # alone, since it represents both.
     angles = np.radians([0.0, 18.19, 36.38])
     emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
-    assert dedup(records(["a", "b", "c"]), emb, 0.9).kept["record_id"].to_list() == ["r0", "r2"]
-    result = dedup(records(["a", "b", "c"]), emb, 0.9, keep="central")
+    assert dedup(records(["a", "b", "c"]), emb, DedupSpec(threshold=0.9)).kept["record_id"].to_list() == ["r0", "r2"]
+    result = dedup(records(["a", "b", "c"]), emb, DedupSpec(threshold=0.9, keep="central"))
     assert result.kept["record_id"].to_list() == ["r1"]
     assert set(result.clusters["representative_id"]) == {"r1"}
 
 
 def test_unknown_keep_policy_refused():
-    with pytest.raises(ValueError, match="keep must be one of"):
-        dedup(records(["a"]), np.ones((1, 2), dtype=np.float32), 0.9, keep="random")
+    # The spec section refuses an unknown policy, before any stage runs.
+    with pytest.raises(ValueError, match="Input should be 'first', 'probability' or 'central'"):
+        dedup(records(["a"]), np.ones((1, 2), dtype=np.float32), DedupSpec(threshold=0.9, keep="random"))
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_every_index_kind_finds_the_planted_groups(kind):
     emb = _planted(n_groups=60, copies=3, dim=32)
     frame = records([f"text {i}" for i in range(emb.shape[0])])
-    result = dedup(frame, emb, 0.9, index=kind, device="cpu")
+    result = dedup(frame, emb, DedupSpec(threshold=0.9, index=kind, device="cpu"))
     # one survivor per group, the first of each
     assert result.kept["record_id"].to_list() == [f"r{3 * g}" for g in range(60)]
     assert result.clusters["cluster_id"].to_list() == [g for g in range(60) for _ in range(3)]
 
 
 def test_dedup_against_a_reference(embedder, tmp_path):
-    from polyculture.index.releases import ReferenceError, load_reference, locate_reference, write_reference
+    from polyculture.index.releases import (
+        ReleaseIndexError,
+        load_release_index,
+        locate_release_index,
+        write_release_index,
+    )
 
     released = ["How do I reset my password?", "The cat sat on the mat."]
-    folder = write_reference(
+    folder = write_release_index(
         tmp_path / "run" / "reference", ["old0", "old1"], released, embedder.encode(released),
         embedding_model="minilm-l6", source="bios/v1",
     )  # fmt: skip
-    assert locate_reference(tmp_path / "run") == folder  # a run folder points at its reference/
-    with pytest.raises(ReferenceError, match="not a reference index"):
-        locate_reference(tmp_path / "nowhere")
-    with pytest.raises(ReferenceError, match="embedded with 'minilm-l6'"):
-        load_reference(folder, embedding_model="other-model")
-    reference = load_reference(folder, embedding_model="minilm-l6")
+    assert locate_release_index(tmp_path / "run") == folder  # a run folder points at its reference/
+    with pytest.raises(ReleaseIndexError, match="not a reference index"):
+        locate_release_index(tmp_path / "nowhere")
+    with pytest.raises(ReleaseIndexError, match="embedded with 'minilm-l6'"):
+        load_release_index(folder, embedding_model="other-model")
+    reference = load_release_index(folder, embedding_model="minilm-l6")
 
     texts = ["the cat sat on the mat", "How can I reset my password?", "Photosynthesis needs sunlight.", "New text."]
-    result = dedup(records(texts), embedder.encode(texts), 0.9, references=[reference])
+    result = dedup(records(texts), embedder.encode(texts), DedupSpec(threshold=0.9), [reference])
     assert result.kept["record_id"].to_list() == ["r2", "r3"]
     rejects = {r["record_id"]: r for r in result.rejects.iter_rows(named=True)}
     assert rejects["r0"]["reason"] == "exact_in_reference"

@@ -10,9 +10,10 @@ from conftest import small_spec_dict
 
 from polyculture.engines.factory import create_engine
 from polyculture.methods import get_method
-from polyculture.spec import parse_spec
-from polyculture.stages.generate import generate, generation_schema, render_prompts
+from polyculture.preflight import parse_spec
+from polyculture.stages.generate import generate
 from polyculture.stages.plan import plan
+from polyculture.stages.prompts import generation_schema, render_prompts
 from polyculture.stages.validate import validate
 
 
@@ -32,7 +33,7 @@ def engine():
     """One real transformers engine for the module's generation tests.
 
     One torch thread while it runs: on the shared 2-core machines, two threads competing with other processes made
-    a 60-token call take 15-200 s instead of ~6 s (STACK.md: oversubscription); the setting is restored afterwards.
+    a 60-token call take 15-200 s instead of ~6 s (thread oversubscription); the setting is restored afterwards.
     """
     import torch
 
@@ -66,7 +67,7 @@ def test_validate_sets_conditioned_fields_and_counts_rejects(spec_dir):
         '{"name": "Ada", "birth_year": 19',  # truncated JSON
         "I cannot do that.",
     ]
-    result = validate(spec, _completions(spec, "direct", texts), get_method("direct"))
+    result = validate(_completions(spec, "direct", texts), spec, get_method("direct"))
     assert result.records.height == 1
     record = json.loads(result.records["record_json"][0])
     assert record["occupation"] == "doctor" and result.records["occupation"][0] == "doctor"
@@ -86,7 +87,7 @@ def test_validate_vs_items_and_truncation(spec_dir):
     ]
     frame = _completions(spec, "vs_standard", texts)
     frame = frame.with_columns(pl.Series("finish_reason", ["stop", "length"]))
-    result = validate(spec, frame, get_method(spec.method))
+    result = validate(frame, spec, get_method(spec.method))
     assert result.records["verbalized_probability"].to_list() == [0.7]
     assert result.records["record_id"].to_list() == ["c0-p0-s0-0"]
     reasons = sorted(result.rejects["reason"].to_list())
@@ -104,7 +105,7 @@ def test_generate_writes_shards_and_resumes(spec_dir, tmp_path, engine):
     assert seen[-1] == (prompts, prompts) and len(seen) == prompts
     assert len(list((tmp_path / "shards").glob("shard-*.parquet"))) == prompts
     assert completions["completion_tokens"].min() > 0 and completions["engine"].unique().to_list() == ["transformers"]
-    result = validate(spec, completions, method)
+    result = validate(completions, spec, method)
     assert result.records.height + result.rejects.height >= completions.height
     assert result.records.height > 0  # constrained decoding makes most of these parse
 
@@ -131,7 +132,7 @@ def test_validate_selection_sample_keeps_one_per_answer_and_counts_the_rest(spec
     spec = parse_spec(small_spec_dict(method={"name": "vs_standard", "k": 3, "selection": "sample"}), spec_dir)
     method = get_method(spec.method)
     frame = _completions(spec, "vs_standard", [_vs_answer(0.5, 0.3, 0.2), _vs_answer(0.9, 0.05, 0.05)])
-    result = validate(spec, frame, method)
+    result = validate(frame, spec, method)
     assert result.records.height == 2 and result.records["call_id"].to_list() == ["c0-p0-s0", "c0-p1-s0"]
     dropped = result.rejects.filter(pl.col("stage") == "select")
     assert dropped.height == 4 and set(dropped["reason"]) == {"not_sampled"}
@@ -139,10 +140,10 @@ def test_validate_selection_sample_keeps_one_per_answer_and_counts_the_rest(spec
     assert sorted(result.records["record_id"].to_list() + dropped["record_id"].to_list()) == [
         f"c0-p{p}-s0-{i}" for p in range(2) for i in range(3)
     ]
-    assert validate(spec, frame, method).records.equals(result.records)  # seeded: the same draw every time
+    assert validate(frame, spec, method).records.equals(result.records)  # seeded: the same draw every time
     even = _completions(spec, "vs_standard", [_vs_answer(0.34, 0.33, 0.33)] * 8)
     reseeded = parse_spec(small_spec_dict(method=spec.method.model_dump(), seed=11), spec_dir)
-    draws = {tuple(validate(s, even, method).records["record_id"]) for s in (spec, reseeded)}
+    draws = {tuple(validate(even, s, method).records["record_id"]) for s in (spec, reseeded)}
     assert len(draws) == 2  # the spec seed decides the draws
 
 
@@ -153,7 +154,7 @@ def test_validate_selection_threshold_and_schema_failures_first(spec_dir):
     answer = json.loads(_vs_answer(0.5, 0.2))
     answer["responses"].append(bad_item)
     texts = [json.dumps(answer), _vs_answer(0.1, 0.05)]
-    result = validate(spec, _completions(spec, "vs_standard", texts), get_method(spec.method))
+    result = validate(_completions(spec, "vs_standard", texts), spec, get_method(spec.method))
     assert result.records["record_id"].to_list() == ["c0-p0-s0-0", "c0-p1-s0-0"]  # min_keep keeps the most probable
     assert result.records["verbalized_probability"].to_list() == [0.5, 0.1]
     by_id = {r["record_id"]: (r["stage"], r["reason"]) for r in result.rejects.iter_rows(named=True)}
@@ -171,12 +172,12 @@ def test_validate_percentage_and_turns(spec_dir):
     frame = frame.with_columns(
         pl.Series("call_id", ["c0-p0-s0-t0", "c0-p0-s0-t1"]), pl.Series("turn", [0, 1], dtype=pl.Int64)
     )
-    result = validate(spec, frame, get_method(spec.method))
+    result = validate(frame, spec, get_method(spec.method))
     assert result.records["turn"].to_list() == [0, 1]
     assert result.records["verbalized_probability"].to_list() == [0.6, 0.3]
     assert result.records["record_id"].to_list() == ["c0-p0-s0-t0-0", "c0-p0-s0-t1-0"]
     # frames without a turn column (single-turn methods before it existed) read as turn 0
-    assert validate(spec, frame.drop("turn"), get_method(spec.method)).records["turn"].to_list() == [0, 0]
+    assert validate(frame.drop("turn"), spec, get_method(spec.method)).records["turn"].to_list() == [0, 0]
 
 
 # --- multi-turn generation on the real engine ----------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_multi_turn_generate_threads_shards_resume_and_validate(tmp_path, engine
     again = generate(spec, cells, _Refusing(), method, tmp_path / "shards")  # type: ignore[arg-type]
     assert again.equals(completions)
 
-    result = validate(spec, completions, method)
+    result = validate(completions, spec, method)
     per_turn = dict(result.records.group_by("turn").len().iter_rows())
     assert set(per_turn) <= {0, 1} and per_turn.get(1, 0) > 0  # the alternatives validate as records of their own
     assert result.records.height + result.rejects.height == completions.height  # one record per completion
@@ -284,7 +285,7 @@ def test_vs_multi_generate_asks_each_turn_for_its_share(tmp_path, engine):
     follow_up = json.loads(completions.filter(pl.col("turn") == 1)["messages"][0])[-1]["content"]
     assert "1 more possible response" in follow_up
 
-    result = validate(spec, completions, method)
+    result = validate(completions, spec, method)
     assert result.records.height > 0
     assert result.records["verbalized_probability"].is_not_null().all()
     counted = result.records.height + result.rejects.filter(pl.col("record_id").is_not_null()).height

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hub_server import HubServer
 from huggingface_hub import DatasetCard, HfApi, constants, snapshot_download
-from test_publish import final_frame, make_spec, report_dir, spec_dict
+from test_publish import card_body, final_frame, make_spec, report_dir, spec_dict
 from typer.testing import CliRunner
 
 from polyculture.cli import app
@@ -64,7 +64,8 @@ def dataset(tmp_path: Path, run_id: str, rows: int = 3, extra: dict[str, bytes] 
     work.mkdir(parents=True)
     report, rdir = report_dir(work)
     report["run_id"] = run_id
-    out = publish_local(make_spec(work), final_frame()[:rows], report, rdir, tmp_path / run_id / f"people-{run_id}")
+    spec, frame = make_spec(work), final_frame()[:rows]
+    out = publish_local(spec, frame, card_body(spec, report, rdir, frame), rdir, tmp_path / run_id / f"people-{run_id}")
     for rel, content in (extra or {}).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(content)

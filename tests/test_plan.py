@@ -9,7 +9,8 @@ import random
 import polars as pl
 import pytest
 
-from polyculture.spec import Attribute, parse_spec
+from polyculture.preflight import parse_spec
+from polyculture.spec import Attribute
 from polyculture.stages.plan import cell_key, joint_targets, largest_remainder, plan
 
 

@@ -13,10 +13,13 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
-from polyculture.report.figures import write_report
-from polyculture.spec import BuildSpec, parse_spec
+from polyculture.preflight import parse_spec
+from polyculture.report.card import render_card
+from polyculture.report.model import Report
+from polyculture.report.write import RecordSet, ReportInputs, write_report
+from polyculture.spec import BuildSpec
 from polyculture.stages import publish
-from polyculture.stages.publish import PublishError, dataset_folder_name, publish_local, size_category
+from polyculture.stages.publish import PublishError, dataset_folder_name, publish_local, record_fields, size_category
 from polyculture.stages.rejects import rejects_frame
 
 SCHEMA = {
@@ -94,11 +97,17 @@ def report_dir(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     return report, folder
 
 
+def card_body(spec: BuildSpec, report: dict[str, Any], rdir: Path, final: pl.DataFrame) -> str:
+    """The card body a build hands publish_local: the (hand-made) report and the report.md beside it."""
+    model = Report.from_dict(report, partial=True)
+    return render_card(model, spec, record_fields(spec, final), final.height, (rdir / "report.md").read_text())
+
+
 def test_publish_loads_with_datasets(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     report, rdir = report_dir(tmp_path)
     out = tmp_path / "published" / "people"
-    assert publish_local(spec, final_frame(), report, rdir, out) == out
+    assert publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir, out) == out
 
     assert (out / "data" / "train-00000-of-00001.parquet").is_file()
     for name in ("README.md", "report.json", "report.md", "plots/attribute_job.png"):
@@ -134,7 +143,7 @@ def _front_matter(readme: Path) -> dict[str, Any]:
 def test_card_yaml_defaults_and_body(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     report, rdir = report_dir(tmp_path)
-    out = publish_local(spec, final_frame(), report, rdir, tmp_path / "people")
+    out = publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir, tmp_path / "people")
     meta = _front_matter(out / "README.md")
     assert meta == {
         "annotations_creators": ["machine-generated"],
@@ -180,7 +189,7 @@ def test_card_metadata_follows_the_spec(tmp_path: Path) -> None:
         "before": {"rows": 9, "distinct_2": 0.5, "semantic_diversity": 30.0},
         "after": {"rows": 3, "distinct_2": 0.75, "semantic_diversity": 41.25},
     }
-    out = publish_local(spec, final_frame(), report, rdir, tmp_path / "people")
+    out = publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir, tmp_path / "people")
     meta = _front_matter(out / "README.md")
     assert meta["license"] == "cc-by-4.0"
     assert meta["language"] == ["en", "fr"] and meta["multilinguality"] == "multilingual"
@@ -210,11 +219,11 @@ def test_refuses_non_empty_folder_and_accepts_empty_one(tmp_path: Path) -> None:
     taken.mkdir(parents=True)
     (taken / "keep.txt").write_text("mine")
     with pytest.raises(PublishError, match="already exists and is not empty"):
-        publish_local(spec, final_frame(), report, rdir, taken)
+        publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir, taken)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     empty = root / "empty"
     empty.mkdir()
-    publish_local(spec, final_frame(), report, rdir, empty)
+    publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir, empty)
     assert (empty / "README.md").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["empty", "people"]
 
@@ -222,6 +231,7 @@ def test_refuses_non_empty_folder_and_accepts_empty_one(tmp_path: Path) -> None:
 def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_spec(tmp_path)
     report, rdir = report_dir(tmp_path)
+    card = card_body(spec, report, rdir, final_frame())
     root = tmp_path / "out"
     root.mkdir()
 
@@ -230,13 +240,13 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(publish, "dataset_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
-        publish_local(spec, final_frame(), report, rdir, root / "people")
+        publish_local(spec, final_frame(), card, rdir, root / "people")
     assert list(root.iterdir()) == []
 
     monkeypatch.undo()
     (rdir / "report.md").unlink()
     with pytest.raises(PublishError, match="report.md"):
-        publish_local(spec, final_frame(), report, rdir, root / "people")
+        publish_local(spec, final_frame(), card, rdir, root / "people")
     assert list(root.iterdir()) == []
 
 
@@ -250,7 +260,7 @@ def test_bad_record_is_refused_naming_it(tmp_path: Path) -> None:
         .alias("record_json")
     )
     with pytest.raises(PublishError, match=r"record c1-i0, field 'birth_year': expected an integer"):
-        publish_local(spec, frame, report, rdir, tmp_path / "people")
+        publish_local(spec, frame, card_body(spec, report, rdir, frame), rdir, tmp_path / "people")
     assert not (tmp_path / "people").exists()
 
 
@@ -259,13 +269,15 @@ def test_publish_after_real_report(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     final = final_frame()
     rdir = tmp_path / "run" / "report"
-    report = write_report(
-        spec, run_id="run-8", counts={"planned": 3, "final": 3}, validated=final, validated_embeddings=np.eye(3),
-        final=final, final_embeddings=np.eye(3), rejects=rejects_frame(), cells=pl.DataFrame(), usage={},
-        out_dir=rdir,
+    inputs = ReportInputs(
+        run_id="run-8", counts={"planned": 3, "final": 3}, validated=RecordSet(final, np.eye(3)),
+        final=RecordSet(final, np.eye(3)), rejects=rejects_frame(), cells=pl.DataFrame(), usage={},
     )  # fmt: skip
+    model = write_report(spec, inputs, rdir)
+    report = model.to_dict()
     assert report["attributes"]["job"]["target_counts"] == {"doctor": 2, "teacher": 1}
-    out = publish_local(spec, final, report, rdir, tmp_path / "people")
+    out = publish_local(spec, final, render_card(model, spec, record_fields(spec, final), final.height), rdir,
+                        tmp_path / "people")  # fmt: skip
     assert (out / "plots" / "attribute_job.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = DatasetCard.load(out / "README.md")
     assert "![job: target vs final share](plots/attribute_job.png)" in card.text
@@ -286,9 +298,14 @@ def test_two_runs_load_their_own_rows(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     report, rdir = report_dir(tmp_path)
     cache = str(tmp_path / "hf-cache")
-    first = publish_local(spec, final_frame(), report, rdir, tmp_path / "a" / dataset_folder_name("people", "run-1"))
+    first = publish_local(spec, final_frame(), card_body(spec, report, rdir, final_frame()), rdir,
+                          tmp_path / "a" / dataset_folder_name("people", "run-1"))  # fmt: skip
     second = publish_local(
-        spec, final_frame()[:1], report, rdir, tmp_path / "b" / dataset_folder_name("people", "run-2")
+        spec,
+        final_frame()[:1],
+        card_body(spec, report, rdir, final_frame()[:1]),
+        rdir,
+        tmp_path / "b" / dataset_folder_name("people", "run-2"),
     )
     assert first.name != second.name
     assert datasets.load_dataset(str(first), split="train", cache_dir=cache).num_rows == 3

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from polyculture.spec import Attribute
+from polyculture.spec import Attribute, RebalanceSpec
 from polyculture.stages.rebalance import farthest_point_order, rebalance
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -36,7 +36,7 @@ def test_surplus_cut_to_quota_keeps_the_distinct_texts(embedder):
         ["occupation"],
     )
     emb = embedder.encode(frame["text"].to_list())
-    result = rebalance(frame, emb, [OCCUPATION], target_size=4)
+    result = rebalance(frame, emb, RebalanceSpec(), [OCCUPATION], 4)
 
     # doctor: quota 2 of 3 -> the near-identical second text goes, not the distinct third one
     assert result.kept["record_id"].to_list() == ["r0", "r2", "r3", "r4"]
@@ -60,13 +60,13 @@ def test_farthest_point_starts_from_highest_probability(embedder):
     ]
     # the most likely record is now the second near-duplicate: it is kept, and the first one is cut
     frame = records([(texts[0], None), (texts[1], 0.8), (texts[2], 0.1)], [])
-    result = rebalance(frame, embedder.encode(texts), [], target_size=2)
+    result = rebalance(frame, embedder.encode(texts), RebalanceSpec(), [], 2)
     assert result.kept["record_id"].to_list() == ["r1", "r2"]
     assert result.cells["cell_key"].to_list() == ["all"]
     # all probabilities null: the first record in frame order starts, and the second pick is the far one
     unrated = records([(texts[1], None), (texts[0], None), (texts[2], None)], [])
     emb = embedder.encode(unrated["text"].to_list())
-    assert rebalance(unrated, emb, [], target_size=2).kept["record_id"].to_list() == ["r0", "r2"]
+    assert rebalance(unrated, emb, RebalanceSpec(), [], 2).kept["record_id"].to_list() == ["r0", "r2"]
     assert farthest_point_order(emb, 0, 3) == [0, 2, 1]
 
 
@@ -74,7 +74,7 @@ def test_deficit_cell_reported_with_reason(embedder):
     rows = [(f"Doctor number {i} works nights in a clinic in town {i}.", 0.2, "doctor") for i in range(3)]
     rows += [(f"Teacher number {i} runs a choir in village {i}.", 0.2, "teacher") for i in range(10)]
     frame = records(rows, ["occupation"])
-    result = rebalance(frame, embedder.encode(frame["text"].to_list()), [OCCUPATION], target_size=20)
+    result = rebalance(frame, embedder.encode(frame["text"].to_list()), RebalanceSpec(), [OCCUPATION], 20)
     cells = {c["occupation"]: c for c in result.cells.to_dicts()}
     assert cells["doctor"]["target"] == 10 and cells["doctor"]["kept"] == 3 and cells["doctor"]["deficit"] == 7
     assert cells["doctor"]["reason"] == "only 3 valid unique records for this cell (target 10)"
@@ -93,7 +93,7 @@ def test_off_target_values_rejected(embedder):
         ],
         ["occupation"],
     )
-    result = rebalance(frame, embedder.encode(frame["text"].to_list()), [OCCUPATION], target_size=2)
+    result = rebalance(frame, embedder.encode(frame["text"].to_list()), RebalanceSpec(), [OCCUPATION], 2)
     assert result.kept["record_id"].to_list() == ["r0", "r3"]
     rejects = result.rejects.sort("record_id")
     assert rejects["record_id"].to_list() == ["r1", "r2"]
@@ -114,7 +114,7 @@ def test_two_attributes_jointly(embedder):
     frame = records(rows, ["occupation", "continent"])
     emb = embedder.encode(frame["text"].to_list())
     # 16 = product of marginals: doctor/Asia 6, doctor/Europe 2, teacher/Asia 6, teacher/Europe 2
-    result = rebalance(frame, emb, [OCCUPATION, continent], target_size=16)
+    result = rebalance(frame, emb, RebalanceSpec(), [OCCUPATION, continent], 16)
 
     cells = result.cells
     assert cells.columns == [
@@ -149,14 +149,14 @@ def test_two_attributes_jointly(embedder):
 def test_misaligned_and_missing_column_refused():
     frame = records([("x", 0.1, "doctor")], ["occupation"])
     with pytest.raises(ValueError, match="misaligned"):
-        rebalance(frame, np.zeros((2, 4), dtype=np.float32), [OCCUPATION], 1)
+        rebalance(frame, np.zeros((2, 4), dtype=np.float32), RebalanceSpec(), [OCCUPATION], 1)
     with pytest.raises(ValueError, match="continent"):
-        rebalance(frame, np.zeros((1, 4), dtype=np.float32), [Attribute(name="continent", values=["Asia"])], 1)
+        rebalance(frame, np.zeros((1, 4), dtype=np.float32), RebalanceSpec(), [Attribute(name="continent", values=["Asia"])], 1)
 
 
 def test_empty_frame():
     frame = records([], ["occupation"])
-    result = rebalance(frame, np.zeros((0, 384), dtype=np.float32), [OCCUPATION], 4)
+    result = rebalance(frame, np.zeros((0, 384), dtype=np.float32), RebalanceSpec(), [OCCUPATION], 4)
     assert result.kept.height == 0
     assert result.kept_embeddings.shape == (0, 384)
     assert result.cells["deficit"].to_list() == [2, 2]
@@ -184,10 +184,10 @@ def test_marginals_mode_trades_between_cells_to_hit_every_marginal():
     frame = _two_attribute_frame({("doctor", "Asia"): 5, ("doctor", "Europe"): 1, ("teacher", "Asia"): 5,
                                   ("teacher", "Europe"): 5})  # fmt: skip
     emb = _spread_vectors(frame.height)
-    joint = rebalance(frame, emb, [OCCUPATION, CONTINENT], 8)
+    joint = rebalance(frame, emb, RebalanceSpec(), [OCCUPATION, CONTINENT], 8)
     assert joint.kept.height == 7
     assert joint.shortfalls() == [({"occupation": "doctor", "continent": "Europe"}, 1)]
-    result = rebalance(frame, emb, [OCCUPATION, CONTINENT], 8, targets="marginals")
+    result = rebalance(frame, emb, RebalanceSpec(targets="marginals"), [OCCUPATION, CONTINENT], 8)
     assert result.kept.height == 8
     counts = result.kept.group_by(["occupation", "continent"]).len()
     table = {(r["occupation"], r["continent"]): r["len"] for r in counts.to_dicts()}
@@ -199,7 +199,7 @@ def test_marginals_mode_trades_between_cells_to_hit_every_marginal():
 
 def test_marginals_mode_reports_a_value_that_cannot_be_filled():
     frame = _two_attribute_frame({("doctor", "Asia"): 5, ("teacher", "Asia"): 5, ("teacher", "Europe"): 1})
-    result = rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 8, targets="marginals")
+    result = rebalance(frame, _spread_vectors(frame.height), RebalanceSpec(targets="marginals"), [OCCUPATION, CONTINENT], 8)
     marginals = {(r["attribute"], r["value"]): r for r in result.marginals.to_dicts()}
     assert marginals[("continent", "Europe")]["kept"] == 1 and marginals[("continent", "Europe")]["deficit"] == 3
     assert result.kept.height == 5  # Europe 1 + Asia 4; no marginal is ever exceeded
@@ -217,13 +217,14 @@ def test_table_targets_and_cells_outside_the_table():
         CellWeight(cell={"occupation": "teacher", "continent": "Europe"}, weight=1),
     ]
     frame = _two_attribute_frame({("doctor", "Asia"): 5, ("teacher", "Europe"): 5, ("teacher", "Asia"): 2})
-    result = rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 6, targets="table", table=table)
+    result = rebalance(frame, _spread_vectors(frame.height), RebalanceSpec(targets="table", table=table), [OCCUPATION, CONTINENT], 6)
     assert result.cells["target"].to_list() == [5, 1]  # 6 * 3/4 = 4.5 -> 5 (ties to the earlier cell), 6 * 1/4 -> 1
     assert result.cells["kept"].to_list() == [5, 1]
     outside = result.rejects.filter(pl.col("detail").str.contains("not in the target table"))
     assert outside.height == 2
-    with pytest.raises(ValueError, match="needs a non-empty table"):
-        rebalance(frame, _spread_vectors(frame.height), [OCCUPATION, CONTINENT], 6, targets="table")
+    # The spec section refuses a table target without a table, before any stage runs.
+    with pytest.raises(ValueError, match="targets 'table' needs table"):
+        rebalance(frame, _spread_vectors(frame.height), RebalanceSpec(targets="table"), [OCCUPATION, CONTINENT], 6)
 
 
 def test_mmr_prefers_typical_records_and_avoids_repeats(embedder):
@@ -237,8 +238,8 @@ def test_mmr_prefers_typical_records_and_avoids_repeats(embedder):
     emb = embedder.encode(texts)
     frame = records([(t, None, "doctor") for t in texts], ["occupation"])
     doctor_only = Attribute(name="occupation", values=["doctor"])
-    fp = rebalance(frame, emb, [doctor_only], 3)
-    mmr = rebalance(frame, emb, [doctor_only], 3, surplus="mmr", mmr_lambda=0.7)
+    fp = rebalance(frame, emb, RebalanceSpec(), [doctor_only], 3)
+    mmr = rebalance(frame, emb, RebalanceSpec(surplus="mmr", mmr_lambda=0.7), [doctor_only], 3)
     assert "r4" in fp.kept["record_id"].to_list()  # farthest-point reaches for the outlier
     kept = mmr.kept["record_id"].to_list()
     assert "r4" not in kept  # MMR keeps typical records ...

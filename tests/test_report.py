@@ -11,9 +11,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from polyculture.report.figures import write_report
+from polyculture.preflight import parse_spec
 from polyculture.report.reference_dataset import load_report_reference
-from polyculture.spec import BuildSpec, SpecError, parse_spec
+from polyculture.report.write import RecordSet, ReportInputs, write_report
+from polyculture.spec import BuildSpec, SpecError
 
 SCHEMA = {
     "type": "object",
@@ -118,18 +119,18 @@ def run_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     out_dir = tmp_path / "run" / "report"
     report = write_report(
         spec,
-        run_id="run-1",
-        counts=counts,
-        validated=records(VALIDATED_ROWS),
-        validated_embeddings=validated_emb,
-        final=records(FINAL_ROWS),
-        final_embeddings=final_emb,
-        rejects=rejects,
-        cells=cells,
-        usage={"generated_tokens": 1234, "generation_seconds": 2.5, "tokens_per_second": float("nan")},
-        out_dir=out_dir,
+        ReportInputs(
+            run_id="run-1",
+            counts=counts,
+            validated=RecordSet(records(VALIDATED_ROWS), validated_emb),
+            final=RecordSet(records(FINAL_ROWS), final_emb),
+            rejects=rejects,
+            cells=cells,
+            usage={"generated_tokens": 1234, "generation_seconds": 2.5, "tokens_per_second": float("nan")},
+        ),
+        out_dir,
     )
-    return report, out_dir
+    return report.to_dict(), out_dir
 
 
 def _no_constants(name: str) -> None:
@@ -230,10 +231,11 @@ def test_report_refuses_misaligned_embeddings(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     frame = records(FINAL_ROWS)
     with pytest.raises(ValueError, match="4 records but embeddings of shape"):
-        write_report(
-            spec, run_id="r", counts={}, validated=frame, validated_embeddings=np.eye(3), final=frame,
-            final_embeddings=np.eye(4), rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={}, out_dir=tmp_path / "o",
+        inputs = ReportInputs(
+            run_id="r", counts={}, validated=RecordSet(frame, np.eye(3)), final=RecordSet(frame, np.eye(4)),
+            rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={},
         )  # fmt: skip
+        write_report(spec, inputs, tmp_path / "o")
 
 
 def write_reference_file(tmp_path: Path) -> None:
@@ -258,12 +260,13 @@ def test_report_three_stages_reference_and_tsne_map(tmp_path: Path) -> None:
     assert reference is not None and reference.height == 4 and reference.columns == ["text", "mood"]
     reference_emb = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
     out_dir = tmp_path / "run"
-    report = write_report(
-        spec, run_id="r3", counts={"valid": 6, "after_semantic_dedup": 5, "final": 4}, validated=validated,
-        validated_embeddings=validated_emb, pool=validated.head(5), pool_embeddings=validated_emb[:5],
-        final=validated.head(4), final_embeddings=final_emb, rejects=pl.DataFrame(), cells=pl.DataFrame(),
-        usage={}, out_dir=out_dir, reference=reference, reference_embeddings=reference_emb,
+    inputs = ReportInputs(
+        run_id="r3", counts={"valid": 6, "after_semantic_dedup": 5, "final": 4},
+        validated=RecordSet(validated, validated_emb), pool=RecordSet(validated.head(5), validated_emb[:5]),
+        final=RecordSet(validated.head(4), final_emb), rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={},
+        reference=RecordSet(reference, reference_emb),
     )  # fmt: skip
+    report = write_report(spec, inputs, out_dir).to_dict()
 
     stages = report["diversity"]
     assert [stages[k]["rows"] for k in ("before", "after_dedup", "after")] == [6, 5, 4]
@@ -295,10 +298,11 @@ def test_report_survives_empty_and_single_record_stages(tmp_path: Path) -> None:
     one = records(FINAL_ROWS[:1])
     for final, final_emb in ((one.head(0), np.zeros((0, 4))), (pl.DataFrame(), np.zeros((0, 384)))):
         out_dir = tmp_path / f"run-{final.width}"
-        report = write_report(
-            spec, run_id="r", counts={}, validated=one, validated_embeddings=np.eye(4)[:1], final=final,
-            final_embeddings=final_emb, rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={}, out_dir=out_dir,
+        inputs = ReportInputs(
+            run_id="r", counts={}, validated=RecordSet(one, np.eye(4)[:1]), final=RecordSet(final, final_emb),
+            rejects=pl.DataFrame(), cells=pl.DataFrame(), usage={},
         )  # fmt: skip
+        report = write_report(spec, inputs, out_dir).to_dict()
         after, before = report["diversity"]["after"], report["diversity"]["before"]
         assert after["rows"] == 0 and after["vendi_score"] is None and after["self_bleu"] is None
         assert after["compression_ratio"] is None and after["calibration"] is None

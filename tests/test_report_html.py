@@ -20,9 +20,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from polyculture.report.figures import write_report
+from polyculture.preflight import parse_spec
+from polyculture.report.model import Round
 from polyculture.report.reference_dataset import load_report_reference
-from polyculture.spec import BuildSpec, parse_spec
+from polyculture.report.write import RecordSet, ReportInputs, write_report
+from polyculture.spec import BuildSpec
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_TIMEOUT_S = 120
@@ -171,24 +173,22 @@ def build_report(tmp_path: Path, embedder: Any) -> tuple[dict[str, Any], Path]:
                "unique_valid": pool.height, "final": final.height, "short_cells": 2, "missing": 3}]  # fmt: skip
     report = write_report(
         spec,
-        run_id="run-html",
-        counts=counts,
-        validated=validated,
-        validated_embeddings=validated_emb,
-        pool=pool,
-        pool_embeddings=validated_emb[pool_rows],
-        final=final,
-        final_embeddings=validated_emb[final_rows],
-        rejects=rejects,
-        cells=cells,
-        usage={"generated_tokens": 4321, "generation_seconds": 12.5},
-        out_dir=out_dir,
-        rounds=rounds,
-        stop_reason="stopped: all 1 top-up rounds used",
-        reference=reference,
-        reference_embeddings=embedder.encode(reference["text"].to_list()),
+        ReportInputs(
+            run_id="run-html",
+            counts=counts,
+            validated=RecordSet(validated, validated_emb),
+            pool=RecordSet(pool, validated_emb[pool_rows]),
+            final=RecordSet(final, validated_emb[final_rows]),
+            rejects=rejects,
+            cells=cells,
+            usage={"generated_tokens": 4321, "generation_seconds": 12.5},
+            rounds=tuple(Round.from_dict(r) for r in rounds),
+            stop_reason="stopped: all 1 top-up rounds used",
+            reference=RecordSet(reference, embedder.encode(reference["text"].to_list())),
+        ),
+        out_dir,
     )
-    return report, out_dir
+    return report.to_dict(), out_dir
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:

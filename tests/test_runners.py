@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from polyculture.cli import app
 from polyculture.flows.build_dataset import build_dataset
 from polyculture.flows.runners import task_runner_for
-from polyculture.spec import RunnerSpec, parse_spec
+from polyculture.preflight import parse_spec
+from polyculture.spec import RunnerSpec
 
 
 def test_runner_spec_and_task_runners(spec_dir):

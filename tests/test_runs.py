@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import small_spec_dict
 
+from polyculture.preflight import parse_spec
 from polyculture.runs.folders import RESULT_FILE, RunBusy, hold_run, new_run_id, unfinished_runs
-from polyculture.spec import parse_spec
 
 
 def _spec(spec_dir, **overrides):

@@ -130,7 +130,8 @@ def test_bad_schedule_refuses_the_whole_command_naming_the_field(tmp_path):
 
 
 def test_schedule_spec_forms(spec_dir):
-    from polyculture.spec import SpecError, parse_spec
+    from polyculture.preflight import parse_spec
+    from polyculture.spec import SpecError
 
     assert parse_spec(small_spec_dict(schedule="0 3 * * *"), spec_dir).schedule.model_dump() == {
         "cron": "0 3 * * *",

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from conftest import PROJECT, small_spec_dict
 
-from polyculture.spec import SpecError, build_spec_json_schema, load_spec, parse_spec
+from polyculture.preflight import load_spec, parse_spec
+from polyculture.spec import SpecError, build_spec_json_schema
 
 
 def test_shipped_configs_load():
@@ -206,3 +207,26 @@ def test_json_schema_knows_the_server_list_and_parallel_fields():
     for bad in ({**servers, "base_url": ["ftp://a"]}, {**servers, "base_url": []}, {"data_parallel_size": 0}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**data, "model": bad}, schema)
+
+
+def test_a_spec_is_pure_configuration_and_preflight_reads_the_disk(spec_dir, tmp_path):
+    from polyculture.preflight import preflight
+    from polyculture.spec import BuildSpec
+
+    data = small_spec_dict(record={"schema": "nowhere.json"}, model={"name": "gpt-17", "adapter": "nowhere"})
+    spec = BuildSpec.model_validate(data)  # no file, no model registry: nothing to refuse here
+    assert spec.record_schema == {} and spec.model.adapter == "nowhere"
+    with pytest.raises(SpecError, match=r"model\.adapter: adapter folder 'nowhere' not found"):
+        preflight(spec, spec_dir)
+    checked = preflight(BuildSpec.model_validate(small_spec_dict()), spec_dir)
+    assert checked.base_dir == spec_dir and checked.record_schema["properties"]["bio"]["type"] == "string"
+    assert checked.fingerprint() == parse_spec(small_spec_dict(), spec_dir).fingerprint()
+
+
+def test_every_problem_is_listed_at_once_in_field_order(spec_dir):
+    data = small_spec_dict(model={"name": "gpt-17"}, sampling={"temperature": -1}, dedup={"embedding_model": "nope"})
+    lines = _refused(spec_dir, {"colour": "red", **data}).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["model", "sampling.temperature", "dedup", "colour"]
+    # checks across sections wait for valid fields, and the record schema's come before the prompt's
+    both = _refused(spec_dir, small_spec_dict(record={"schema": "nope.json"}, prompt={"template": "{{ nope }}"}))
+    assert "record.schema: file 'nope.json' not found" in both and "prompt.template" not in both

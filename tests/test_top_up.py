@@ -10,9 +10,9 @@ import pytest
 from conftest import small_spec_dict
 
 from polyculture.methods import get_method
-from polyculture.spec import parse_spec
-from polyculture.stages.generate import render_prompts
+from polyculture.preflight import parse_spec
 from polyculture.stages.plan import plan
+from polyculture.stages.prompts import render_prompts
 from polyculture.stages.top_up import RoundStats, explain_shortfalls, prompts_by_cell, top_up_cells
 
 

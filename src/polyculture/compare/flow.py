@@ -1,7 +1,7 @@
 """compare_methods: run several prompting methods on one spec under the same generated-token budget, as Prefect tasks.
 
 One engine is loaded once and shared by every method. Per method: generate in rounds until the budget is spent ->
-validate -> embed -> metrics (all in stages/compare.py and the stages it uses); then comparison.json, comparison.md
+validate -> embed -> metrics (compare.budget, compare.metrics and the stages they use); then comparison.json, comparison.md
 and comparison.png under <output root or publish.dir>/<dataset>/compare-<run-id>/. A method that cannot run (not
 implemented, options that do not fit it, an error while it ran) is reported as failed; the others still run.
 Generation shards already in the folder are reused, so re-running with the same run id resumes.
@@ -20,23 +20,22 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from polyculture import progress
-from polyculture.compare.comparison import (
+from polyculture.compare.budget import (
     ALL_METHODS,
     BudgetedGeneration,
-    comparison_report,
-    failed_method,
     generate_within_budget,
-    method_metrics,
     method_spec,
     parse_methods,
     validate_rounds,
-    write_comparison,
 )
+from polyculture.compare.metrics import comparison_report, failed_method, method_metrics
+from polyculture.compare.render import write_comparison
 from polyculture.engines.base import Engine
 from polyculture.flows.common import embed_task, load_engine
 from polyculture.methods import Method, get_method
+from polyculture.preflight import load_spec
 from polyculture.runs.folders import new_run_id
-from polyculture.spec import BuildSpec, load_spec
+from polyculture.spec import BuildSpec
 from polyculture.stages.plan import plan
 from polyculture.stages.validate import ValidationResult
 

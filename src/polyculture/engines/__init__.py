@@ -1,1 +1,1 @@
-"""Engines behind one small interface (base.Engine); models.py resolves embedded models offline."""
+"""Engines behind one small interface (base.Engine); model_files.py resolves model names to local folders, offline."""

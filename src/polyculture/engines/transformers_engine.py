@@ -25,7 +25,7 @@ class TransformersEngine:
     def __init__(self, model: ResolvedModel, *, seed: int = 0, dtype: str = "auto", logprob_batch: int = 128) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        # On CPU, float32 is faster than bf16 matmuls (STACK.md: 149 vs 86 tok/s).
+        # On CPU, float32 is faster than bf16 matmuls (149 vs 86 tokens/s with the embedded SmolLM2).
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model.path))
@@ -57,7 +57,7 @@ class TransformersEngine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._logprob_batch = logprob_batch
         self._grammars: dict[str, Any] = {}
-        self._xgr_info: Any = None
+        self._xgrammar_tokenizer: Any = None
         # Engine-level seed on a private stream: the sequence of calls is reproducible, whatever else uses torch.
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
         device = getattr(model, "device", None)
@@ -104,11 +104,11 @@ class TransformersEngine:
         # Not sorted: property order is generation order (a "reasoning" field must come first).
         key = json.dumps(json_schema)
         if key not in self._grammars:
-            if self._xgr_info is None:
-                self._xgr_info = xgr.TokenizerInfo.from_huggingface(
+            if self._xgrammar_tokenizer is None:
+                self._xgrammar_tokenizer = xgr.TokenizerInfo.from_huggingface(
                     self.tokenizer, vocab_size=self.model.config.vocab_size
                 )
-            compiler = xgr.GrammarCompiler(self._xgr_info)
+            compiler = xgr.GrammarCompiler(self._xgrammar_tokenizer)
             self._grammars[key] = compiler.compile_json_schema(key, any_whitespace=False)
         return self._grammars[key]
 

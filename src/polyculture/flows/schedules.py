@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from polyculture.spec import BuildSpec, ScheduleSpec, SpecError, load_spec
+from polyculture.preflight import load_spec
+from polyculture.spec import BuildSpec, ScheduleSpec, SpecError
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

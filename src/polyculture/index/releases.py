@@ -1,5 +1,5 @@
-"""reference: a stored similarity index of records already published (earlier releases) or of a reference dataset,
-which new records are deduplicated against.
+"""releases: release indexes, the stored similarity index of records already published (an earlier release) or of a
+reference dataset indexed by `polyculture index`, which new records are deduplicated against.
 
 A reference folder holds `reference.json` (format, embedding model, size, source), `entries.parquet` (one row per
 indexed record: record_id, text_hash, source) and the FAISS index (`index.faiss` + `index.json`). Every build writes
@@ -27,12 +27,12 @@ MANIFEST = "reference.json"
 ENTRIES = "entries.parquet"
 
 
-class ReferenceError(ValueError):
+class ReleaseIndexError(ValueError):
     """A reference folder that is missing, malformed, or made with another embedding model."""
 
 
 @dataclass(frozen=True)
-class Reference:
+class ReleaseIndex:
     folder: Path
     source: str
     embedding_model: str
@@ -45,7 +45,7 @@ class Reference:
         return len(self.record_ids)
 
 
-def locate_reference(path: str | Path, base_dir: Path = Path(".")) -> Path:
+def locate_release_index(path: str | Path, base_dir: Path = Path(".")) -> Path:
     """The reference folder for `path`: the folder itself, or a run folder's `reference/` (relative paths beside the
     spec first, then the working folder)."""
     given = Path(path).expanduser()
@@ -54,13 +54,13 @@ def locate_reference(path: str | Path, base_dir: Path = Path(".")) -> Path:
         for folder in (option, option / "reference"):
             if (folder / MANIFEST).is_file():
                 return folder.resolve()
-    raise ReferenceError(
+    raise ReleaseIndexError(
         f"'{path}' is not a reference index: expected a folder with {MANIFEST} (written by "
         "`polyculture index`) or a build's run folder holding reference/"
     )
 
 
-def write_reference(
+def write_release_index(
     folder: Path,
     record_ids: list[str],
     texts: list[str],
@@ -106,7 +106,7 @@ def write_reference(
     return folder
 
 
-def load_reference(folder: Path, *, embedding_model: str) -> Reference:
+def load_release_index(folder: Path, *, embedding_model: str) -> ReleaseIndex:
     """Load a reference folder, refusing one whose vectors came from another embedding model (cosines would be
     meaningless across models)."""
     folder = Path(folder)
@@ -115,18 +115,18 @@ def load_reference(folder: Path, *, embedding_model: str) -> Reference:
         entries = pl.read_parquet(folder / ENTRIES)
         index = SimilarityIndex.load(folder)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ReferenceError(f"reference '{folder}' cannot be read: {exc}") from None
+        raise ReleaseIndexError(f"reference '{folder}' cannot be read: {exc}") from None
     if manifest.get("format") != FORMAT:
-        raise ReferenceError(f"reference '{folder}': format {manifest.get('format')!r} is not {FORMAT}")
+        raise ReleaseIndexError(f"reference '{folder}': format {manifest.get('format')!r} is not {FORMAT}")
     if manifest.get("embedding_model") != embedding_model:
-        raise ReferenceError(
+        raise ReleaseIndexError(
             f"reference '{folder}' was embedded with '{manifest.get('embedding_model')}', but this build embeds with "
             f"'{embedding_model}': rebuild the reference with the same model"
         )
     if index.ntotal != entries.height:
-        raise ReferenceError(f"reference '{folder}': index holds {index.ntotal} vectors but {entries.height} entries")
+        raise ReleaseIndexError(f"reference '{folder}': index holds {index.ntotal} vectors but {entries.height} entries")
     hashes = entries["text_hash"].to_list()
-    return Reference(
+    return ReleaseIndex(
         folder=folder,
         source=str(manifest.get("source") or folder.name),
         embedding_model=embedding_model,
@@ -135,52 +135,3 @@ def load_reference(folder: Path, *, embedding_model: str) -> Reference:
         hash_to_row={h: i for i, h in reversed(list(enumerate(hashes)))},
         index=index,
     )
-
-
-def read_texts(source: Path, text_field: str, id_field: str | None = None) -> tuple[list[str], list[str]]:
-    """(ids, texts) from a parquet, JSON Lines or CSV file, or every parquet file under a folder (a published
-    dataset folder, say). Rows without text are skipped; ids default to '<file stem>:<row>'."""
-    ids: list[str] = []
-    texts: list[str] = []
-    for file in source_files(source):
-        frame = read_table(file)
-        if text_field not in frame.columns:
-            raise ReferenceError(f"'{file}' has no column '{text_field}' (columns: {frame.columns})")
-        if id_field is not None and id_field not in frame.columns:
-            raise ReferenceError(f"'{file}' has no column '{id_field}' (columns: {frame.columns})")
-        column = frame[text_field].cast(pl.String).to_list()
-        row_ids = frame[id_field].cast(pl.String).to_list() if id_field else [f"{file.stem}:{i}" for i in range(len(column))]
-        for rid, text in zip(row_ids, column, strict=True):
-            if text:
-                ids.append(rid)
-                texts.append(text)
-    return ids, texts
-
-
-def source_files(source: Path) -> list[Path]:
-    """The data files of a source: the file itself, or every parquet file under a folder (hidden ones skipped)."""
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
-        if not files:
-            raise ReferenceError(f"'{source}' holds no parquet files")
-        return files
-    if source.is_file():
-        return [source]
-    raise ReferenceError(f"'{source}' does not exist")
-
-
-def read_table(file: Path) -> pl.DataFrame:
-    """One parquet, JSON Lines or CSV file as a frame (ReferenceError, naming the file, when it cannot be read)."""
-    suffix = file.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            return pl.read_parquet(file)
-        if suffix in (".jsonl", ".ndjson"):
-            return pl.read_ndjson(file)
-        if suffix == ".csv":
-            return pl.read_csv(file)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise ReferenceError(f"'{file}' cannot be read: {exc}") from None
-    raise ReferenceError(f"'{file}': unsupported file type '{suffix}'; allowed: .parquet, .jsonl, .ndjson, .csv")
-

@@ -69,6 +69,7 @@ class SingleTurn:
 
 
 def nested_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema without the keys that describe a schema document, ready to be nested inside another schema."""
     return {k: v for k, v in schema.items() if k not in _SCHEMA_META_KEYS}
 
 

@@ -1,4 +1,5 @@
-"""CoT prompting (the paper's baseline): one record, with a "reasoning" field written before the record's fields.
+"""CoT prompting (a baseline for the VS methods): one record, with a "reasoning" field written before the record's
+fields.
 
 The reasoning only serves the model; the parser drops it from the record.
 """

@@ -1,4 +1,4 @@
-"""Direct prompting: the user prompt as is, one record per completion (the paper's baseline)."""
+"""Direct prompting: the user prompt as is, one record per completion (a baseline for the VS methods)."""
 
 from __future__ import annotations
 

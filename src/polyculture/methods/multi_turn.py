@@ -1,4 +1,4 @@
-"""Multi-turn prompting (the paper's baseline): k turns in one conversation, one record per turn.
+"""Multi-turn prompting (a baseline for the VS methods): k turns in one conversation, one record per turn.
 
 The first turn asks as direct prompting does; each later turn follows the model's previous answers with a request
 for one alternative response.

@@ -54,7 +54,7 @@ class Selection:
             return [None] * n
         if self.kind == "sample":
             chosen = _sample(weights, _rng(seed, call_id))
-            picked = f"response {chosen} (p={_fmt(probabilities[chosen])})"
+            picked = f"response {chosen} (p={_format_probability(probabilities[chosen])})"
             detail = f"one response of {n} sampled by verbalized weight: {picked}"
             return [None if i == chosen else Dropped("not_sampled", detail) for i in range(n)]
         threshold = float(self.threshold)  # type: ignore[arg-type]
@@ -64,7 +64,9 @@ class Selection:
             by_probability = sorted(range(n), key=lambda i: (-weights[i], i))
             keep = set(by_probability[: self.min_keep])
         return [
-            None if i in keep else Dropped("below_threshold", f"verbalized probability {_fmt(p)} < threshold {bound}")
+            None
+            if i in keep
+            else Dropped("below_threshold", f"verbalized probability {_format_probability(p)} < threshold {bound}")
             for i, p in enumerate(probabilities)
         ]
 
@@ -92,5 +94,5 @@ def _sample(weights: list[float], rng: random.Random) -> int:
     return max(i for i, w in enumerate(weights) if w > 0)  # rounding at the top end
 
 
-def _fmt(p: float | None) -> str:
+def _format_probability(p: float | None) -> str:
     return "none" if p is None else f"{p:g}"

@@ -1,4 +1,5 @@
-"""Sequence prompting (the paper's baseline): k records at once as a JSON list under "responses", no probabilities."""
+"""Sequence prompting (a baseline for the VS methods): k records at once as a JSON list under "responses", no
+probabilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VS-CoT (Zhang et al. 2025): a "reasoning" field first, then the k VS responses with their probabilities."""
+"""VS-CoT (Verbalized Sampling): a "reasoning" field first, then the k VS responses with their probabilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VS-Multi (Zhang et al. 2025): the k VS responses asked for over `turns` turns of one conversation.
+"""VS-Multi (Verbalized Sampling): the k VS responses asked for over `turns` turns of one conversation.
 
 Turn t asks for ceil or floor of k / turns responses (the larger counts first, so they sum to k); each later turn
 sees the earlier answers and asks for more responses, different from all given so far.
@@ -20,7 +20,7 @@ from polyculture.methods.vs_standard import (
 )
 
 
-def split_responses(k: int, turns: int) -> list[int]:
+def responses_per_turn(k: int, turns: int) -> list[int]:
     """k responses over `turns` turns: the first k % turns turns get one more (e.g. 5 over 2: [3, 2])."""
     if not 1 <= turns <= k:
         raise ValueError(f"vs_multi splits k={k} responses over turns={turns}: need 1 <= turns <= k")
@@ -40,7 +40,7 @@ class VSMulti(VSStandard):
         selection: Selection | None = None,
     ) -> None:
         super().__init__(k, probability_threshold, probability_definition, selection)
-        self.sizes = split_responses(k, turns)
+        self.sizes = responses_per_turn(k, turns)  # responses asked for in each turn
         self.turns = turns
         self.items_per_call = sum(self.selection.records_per_answer(n) for n in self.sizes)
 

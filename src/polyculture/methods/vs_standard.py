@@ -1,4 +1,4 @@
-"""VS-Standard (Zhang et al. 2025): ask for k responses with their verbalized probabilities in one JSON answer.
+"""VS-Standard (Verbalized Sampling): ask for k responses with their verbalized probabilities in one JSON answer.
 
 For structured records each response item is the record's fields plus `probability`; the constrained-decoding
 schema is built from the record schema. This module also holds what every VS variant shares: the wording of each
@@ -22,8 +22,8 @@ from polyculture.methods.base import (
 )
 from polyculture.methods.selection import Selection
 
-# How each probability definition asks for the number (the paper's ablation over definitions). The JSON key is
-# `probability` for all of them; only `percentage` uses another scale (0-100), which the parser maps to [0, 1].
+# How each probability definition asks for the number. The JSON key is `probability` for all of them; only
+# `percentage` uses another scale (0-100), which the parser maps to [0, 1].
 PROBABILITY_WORDING = {
     "explicit": (
         '"probability": the probability of this response, from 0.0 to 1.0: how often you would give exactly this '
@@ -115,7 +115,7 @@ def parse_vs_responses(text: str, probability_definition: str = "explicit") -> P
     if responses is None:
         return ParseResult(error=error)
     scale = probability_scale(probability_definition)
-    return ParseResult(items=[vs_item(r, scale) for r in responses])
+    return ParseResult(items=[parse_vs_item(r, scale) for r in responses])
 
 
 class VSStandard(SingleTurn):
@@ -170,7 +170,7 @@ class VSPercentResponse(BaseModel):
     probability: float = Field(ge=0, le=100, allow_inf_nan=False)
 
 
-def vs_item(response: Any, scale: float = 1.0) -> ParsedItem:
+def parse_vs_item(response: Any, scale: float = 1.0) -> ParsedItem:
     """Read one response item; the probability is returned in [0, 1] whatever scale it was asked on."""
     if not isinstance(response, dict):
         return ParsedItem(fields=None, error=f"response is a {type(response).__name__}, not an object")

@@ -5,7 +5,7 @@ value, or the normalised text) and the probability the model verbalized for it.
 
 Definitions (C calls, N items with a probability):
 - raw sum of a call: the sum of its items' verbalized probabilities before normalising. A model that writes a
-  distribution sums to 1; small models do not (STACK.md: 0.3, 0.8, 1.0, 0.2, 1.0), so the raw sums are reported.
+  distribution sums to 1; small models do not (e.g. 0.3, 0.8, 1.0, 0.2, 1.0), so the raw sums are reported.
 - normalised probability of an item: p_i / (raw sum of its call); a call whose raw sum is 0 spreads 1 evenly.
 - verbalized share of an answer v: q(v) = (1/C) * sum over calls of the normalised probability the call put on v,
   i.e. the mean over calls of the call's verbalized distribution (sums to 1 over the answers).

@@ -1,4 +1,4 @@
-"""report_plots: the report's figures, drawn with a matplotlib Figure on an Agg canvas (no pyplot global state: safe in
+"""plots: the report's figures, drawn with a matplotlib Figure on an Agg canvas (no pyplot global state: safe in
 worker threads and without a display) and saved as PNG under the run's plots/ folder.
 
 - attribute_<name>.png: target share vs the share among validated, deduplicated and final records, per value.
@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
+
+from polyculture.report.model import AttributeFigures
 
 STAGE_COLOURS = {"validated": "#c8553d", "after dedup": "#e0a030", "final": "#2f6f9f", "reference": "#8d99a6"}
 FATE_COLOURS = {
@@ -45,25 +46,23 @@ def _save(fig: Figure, plots_dir: Path, filename: str) -> str:
     return f"plots/{filename}"
 
 
-def plot_attribute(name: str, entry: dict[str, Any], plots_dir: Path, *, pool_label: str = "after dedup") -> str:
+def plot_attribute(name: str, entry: AttributeFigures, plots_dir: Path, *, pool_label: str = "after dedup") -> str:
     """Grouped bars per value: target, validated, after dedup and final shares (plus "(other)" when seen).
 
     `pool_label` names the middle stage ("before rebalancing" when the report was given no deduplicated pool)."""
     stages = [
-        ("validated", entry["before"], STAGE_COLOURS["validated"]),
-        (pool_label, entry.get("before_rebalance") or entry["before"], STAGE_COLOURS["after dedup"]),
-        ("final", entry["after"], STAGE_COLOURS["final"]),
+        ("validated", entry.before, STAGE_COLOURS["validated"]),
+        (pool_label, entry.before_rebalance, STAGE_COLOURS["after dedup"]),
+        ("final", entry.after, STAGE_COLOURS["final"]),
     ]
-    labels = list(entry["after"]["target_share"])
-    series = [("target", [entry["after"]["target_share"][v] for v in labels], TARGET_COLOUR)]
-    series += [
-        (f"{label} (n={s['n']})", [s["observed_share"][v] for v in labels], colour) for label, s, colour in stages
-    ]
-    if any(s["other"] for _, s, _ in stages):
+    labels = list(entry.after.target_share)
+    series = [("target", [entry.after.target_share[v] for v in labels], TARGET_COLOUR)]
+    series += [(f"{label} (n={s.n})", [s.observed_share[v] for v in labels], colour) for label, s, colour in stages]
+    if any(s.other for _, s, _ in stages):
         labels.append("(other)")
         series[0][1].append(0.0)
         for (_, values, _), (_, s, _) in zip(series[1:], stages, strict=True):
-            values.append(s["other_share"])
+            values.append(s.other_share)
 
     width = max(6.5, 1.5 * len(labels) + 2.0)
     fig = _figure(width, 4.2)

@@ -1,10 +1,10 @@
-"""report_reference: the reference dataset the report compares dispersion against (`report.reference` in the spec).
+"""reference_dataset: the reference dataset the report compares dispersion against (`report.reference` in the spec).
 
 `load_report_reference(spec)` reads the file (parquet, JSON Lines, CSV) or every parquet file under a folder, keeps
 the rows that have text, samples `max_rows` of them (seeded by the spec's seed) and returns a frame with a `text`
 column plus one str column per attribute named in `report.reference.fields` (renamed from the reference's column).
 Call it before generating so a wrong path or column is refused before any model time is spent; then embed its
-`text` with the build's embedder and hand both to `write_report(reference=..., reference_embeddings=...)`.
+`text` with the build's embedder and hand both to write_report as `ReportInputs.reference` (a RecordSet).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from polyculture.index.releases import ReferenceError, read_table, source_files
+from polyculture.index.sources import SourceError, read_table, source_files
 from polyculture.spec import BuildSpec, SpecError
 
 
@@ -35,14 +35,14 @@ def load_report_reference(spec: BuildSpec) -> pl.DataFrame | None:
         source = spec.base_dir / source
     try:
         files = source_files(source)
-    except ReferenceError as exc:
+    except SourceError as exc:
         raise SpecError(f"report.reference.path: {exc}") from None
 
     frames = []
     for file in files:
         try:
             frame = read_table(file)
-        except ReferenceError as exc:
+        except SourceError as exc:
             raise SpecError(f"report.reference.path: {exc}") from None
         if ref.text_field not in frame.columns:
             raise SpecError(

@@ -1,4 +1,12 @@
-"""Pipeline stages: plain typed functions over polars frames, testable without Prefect.
+"""Build steps: plain typed functions over polars frames, testable without Prefect.
+
+The contract: a stage takes the frames it works on first (completions, records, embeddings), then its configuration
+(its own spec section where one section configures it, e.g. `dedup(records, embeddings, spec.dedup, references)`,
+`rebalance(records, embeddings, spec.rebalance, spec.attributes, spec.target_size)`; the BuildSpec where it reads
+several sections: plan, validate, extract, generate, publish), then its collaborators (engine, method), and returns
+a frozen result dataclass (ValidationResult, DedupResult, ExtractResult, RebalanceResult, GeneratedRound). Sections
+arrive validated: stages check the data they are given, never the settings again. `summary` holds the build's
+bookkeeping over those results (counts, usage, stop reason). Stages never import Prefect, flows or the report.
 
 Frames passed between stages (column: dtype):
 

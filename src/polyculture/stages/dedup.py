@@ -1,10 +1,11 @@
 """dedup: exact duplicates (hash of the normalised text), then semantic near-duplicates (FAISS, cosine >= threshold),
-within the new records and against stored references (earlier releases, a reference dataset).
+within the new records and against release indexes (earlier releases, a reference dataset indexed by
+`polyculture index`).
 
 Records are decided greedily in priority order (`keep`): first generated, highest verbalized probability, or most
 central (highest summed similarity to its near duplicates). A record is dropped only when it is close to a record
 that was KEPT, so a chain a~b~c with a and c far apart keeps a and c (a transitive clustering would merge distinct
-texts through their neighbours). The FAISS index is chosen by size (stages/similarity_index.py).
+texts through their neighbours). The FAISS index is chosen by size (polyculture.index.similarity).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from polyculture.index.releases import Reference
+from polyculture.index.releases import ReleaseIndex
 from polyculture.index.similarity import SIMILARITY_TOLERANCE, SimilarityIndex, choose_index
 from polyculture.index.text import text_hash
 from polyculture.index.vectors import normalise_rows
+from polyculture.spec import DedupSpec
 from polyculture.stages.rejects import REJECTS_SCHEMA
 
 STAGE = "dedup"
@@ -31,9 +33,8 @@ CLUSTERS_SCHEMA = {
     "reference": pl.String,  # the reference's source when the record duplicates one, else null
 }
 KeepPolicy = Literal["first", "probability", "central"]
-KEEP_POLICIES = ("first", "probability", "central")
-# Queries per FAISS search call: some indexes abort on large range searches (see STACK.md), and chunking
-# also bounds the memory of one result set.
+# Queries per FAISS search call: HNSW's range search aborts the process on large query sets, and chunking also
+# bounds the memory of one result set.
 QUERY_CHUNK = 1024
 
 @dataclass(frozen=True)
@@ -47,15 +48,15 @@ class DedupResult:
 def dedup(
     records: pl.DataFrame,
     embeddings: np.ndarray,
-    threshold: float,
+    settings: DedupSpec,
+    references: Sequence[ReleaseIndex] = (),
     *,
-    keep: KeepPolicy = "first",
-    index: str = "auto",
-    device: str = "auto",
-    references: Sequence[Reference] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> DedupResult:
-    """Drop exact then near duplicates; `clusters` maps every input record to the record that represents it."""
+    """Drop exact then near duplicates; `clusters` maps every input record to the record that represents it.
+
+    `settings` (the spec's dedup section) gives the threshold, the keep policy and the FAISS index and device;
+    `references` are release indexes of earlier builds to dedup against."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array (one row per record); got shape {embeddings.shape}")
@@ -63,13 +64,10 @@ def dedup(
         raise ValueError(
             f"records and embeddings are misaligned: {records.height} records but {embeddings.shape[0]} embedding rows"
         )
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1]; got {threshold}")
-    if keep not in KEEP_POLICIES:
-        raise ValueError(f"keep must be one of {list(KEEP_POLICIES)}; got {keep!r}")
     for column in ("record_id", "call_id", "text"):
         if column not in records.columns:
             raise ValueError(f"records frame has no '{column}' column (columns: {records.columns})")
+    threshold, keep = settings.threshold, settings.keep
 
     # Rows should come L2-normalised; normalising again is cheap and makes inner product = cosine for any embeddings.
     vectors = normalise_rows(embeddings)
@@ -84,7 +82,7 @@ def dedup(
     representative = np.arange(n)
     similarity = np.ones(n, dtype=np.float64)
     reason: list[str | None] = [None] * n
-    ref_hit: dict[int, tuple[Reference, int]] = {}
+    ref_hit: dict[int, tuple[ReleaseIndex, int]] = {}
 
     # 1. exact, against the references first (a record already released is never published again) ...
     for i, h in enumerate(hashes):
@@ -119,7 +117,8 @@ def dedup(
 
     # ... then within the new records, greedily in keep order.
     near_rep, near_sim = _near_duplicates(
-        vectors[survivors], rank[survivors], threshold, keep, index=index, device=device, on_progress=on_progress
+        vectors[survivors], rank[survivors], threshold, keep, index=settings.index, device=settings.device,
+        on_progress=on_progress,
     )
     for local, (rep_local, sim) in enumerate(zip(near_rep, near_sim, strict=True)):
         if rep_local >= 0:

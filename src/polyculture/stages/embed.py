@@ -23,11 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polyculture.engines.model_files import (
-    EMBEDDED_EMBEDDING_MODELS,
-    cache_root,
-    resolve_embedding_model,
-)
+from polyculture.embedded import EMBEDDED_EMBEDDING_MODELS
+from polyculture.engines.model_files import cache_root, resolve_embedding_model
 from polyculture.index.vectors import normalise_rows
 
 log = logging.getLogger(__name__)

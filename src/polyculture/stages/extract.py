@@ -304,9 +304,9 @@ class ExtractResult:
 
 
 def extract_attributes(
-    spec: BuildSpec,
     records: pl.DataFrame,
     embeddings: np.ndarray,
+    spec: BuildSpec,
     *,
     engine: Engine | None = None,
     embedder: Any = None,

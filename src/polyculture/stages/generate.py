@@ -1,4 +1,5 @@
-"""generate: render prompts per cell, call the engine in batches, write each batch as a parquet shard.
+"""generate: the plan's prompts cut into shards (the unit of resume and of work placement), each shard's completions
+from the engine, and the one shard loop that reads finished shards back and hands the rest to a runner.
 
 Multi-turn methods (multi_turn, vs_multi) run turn by turn inside a batch: the first turn samples n completions per
 prompt, each of which becomes its own thread (conversation) that later turns continue with n=1, appending the
@@ -10,19 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import polars as pl
 
 from polyculture.engines.base import Conversation, Engine, SamplingParams
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
-from polyculture.stages.top_up import HINTS_COLUMN, hint_lines
+from polyculture.stages.prompts import PromptRequest, render_prompts, response_schemas
 
 COMPLETION_COLUMNS = [  # plus one column per prompt attribute after cell_key
     "call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "turn", "system", "user", "messages",
@@ -30,55 +32,6 @@ COMPLETION_COLUMNS = [  # plus one column per prompt attribute after cell_key
     "batch_seconds",
 ]  # fmt: skip
 _INT_COLUMNS = {"cell_id", "prompt_index", "sample_index", "turn", "prompt_tokens", "completion_tokens", "shard"}
-
-
-@dataclass(frozen=True)
-class PromptRequest:
-    cell_id: int
-    cell_key: str
-    attributes: dict[str, str]
-    prompt_index: int
-    system: str | None
-    user: str
-
-
-def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list[PromptRequest]:
-    """Every prompt of the plan, in cell order. Templates are strict: an undefined variable is an error."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-    user_template = env.from_string(spec.prompt.template)
-    system_template = env.from_string(spec.prompt.system) if spec.prompt.system else None
-    names = [a.name for a in spec.prompt_attributes]
-    requests = []
-    for cell in cells.iter_rows(named=True):
-        values = {name: cell[name] for name in names}
-        # Top-up cells of field/extract attributes steer the model with a hint line per attribute (stages/top_up).
-        hints = json.loads(cell.get(HINTS_COLUMN) or "{}")
-        hint = hint_lines(spec, hints) if hints else ""
-        for index in range(cell["n_prompts"]):
-            variables = {**values, "k": method.k, "index": index}
-            user = user_template.render(variables).strip()
-            requests.append(
-                PromptRequest(
-                    cell_id=cell["cell_id"],
-                    cell_key=cell["cell_key"],
-                    attributes=values,
-                    prompt_index=index,
-                    system=system_template.render(variables).strip() if system_template else None,
-                    user=f"{user}\n{hint}" if hint else user,
-                )
-            )
-    return requests
-
-
-def generation_schema(spec: BuildSpec) -> dict[str, Any]:
-    """The record schema without the prompt-conditioned fields: the pipeline sets those, the model does not."""
-    schema = spec.record_schema
-    conditioned = {a.record_field for a in spec.prompt_attributes}
-    return {
-        **schema,
-        "properties": {k: v for k, v in schema["properties"].items() if k not in conditioned},
-        "required": [f for f in schema.get("required", []) if f not in conditioned],
-    }
 
 
 def shard_seed(seed: int, seed_key: str, shard: int, turn: int) -> int:
@@ -129,27 +82,11 @@ def plan_shards(
     ]
 
 
-def response_schemas(spec: BuildSpec, method: Method) -> list[dict[str, Any]]:
-    """The JSON Schema of the model's whole answer, per turn."""
-    item_schema = generation_schema(spec)
-    return [method.response_schema(item_schema, turn=t) for t in range(method.turns)]
-
-
 def read_shard(spec: BuildSpec, shard: Shard, method: Method) -> pl.DataFrame | None:
     """A finished shard's completions, or None when it has not been written yet."""
     if not shard.path.is_file():
         return None
     return _upgrade(pl.read_parquet(shard.path), method).select(_column_order(spec))
-
-
-def generate_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> pl.DataFrame:
-    """Generate one shard (or read it back when already written) and write it atomically; its completions."""
-    done = read_shard(spec, shard, method)
-    if done is not None:
-        return done
-    frame = run_shard(spec, shard, engine, method)
-    write_shard(frame, shard)
-    return frame
 
 
 def write_shard(frame: pl.DataFrame, shard: Shard) -> None:
@@ -184,6 +121,98 @@ def concat_shards(spec: BuildSpec, frames: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(frames, how="vertical")
 
 
+@dataclass(frozen=True)
+class ShardRun:
+    """A shard's completions and where and how they were made. The process that runs the loop writes the shard file,
+    so a worker that generated it needs no shared disk."""
+
+    completions: pl.DataFrame
+    worker: str  # host:pid of the process that ran it
+    engine_load_seconds: float  # > 0 when this shard's run loaded the worker's engine
+    seconds: float  # the run's own time, engine load included
+
+
+# Runs the shards it is given (in this process, or as tasks on threads, Dask or Ray workers) and yields each with
+# its ShardRun as it finishes, in any order.
+ShardRunner = Callable[[list[Shard]], Iterable[tuple[Shard, ShardRun]]]
+
+SHARD_RUNS_SCHEMA = {
+    "round": pl.Int64, "shard": pl.Int64, "prompts": pl.Int64, "worker": pl.String, "seconds": pl.Float64,
+    "engine_load_seconds": pl.Float64, "completion_tokens": pl.Int64,
+}  # fmt: skip
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def in_process(spec: BuildSpec, engine: Engine, method: Method) -> ShardRunner:
+    """A ShardRunner that generates shard after shard here, on `engine`."""
+
+    def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
+        for shard in shards:
+            started = time.perf_counter()
+            frame = run_shard(spec, shard, engine, method)
+            yield shard, ShardRun(frame, this_worker(), 0.0, time.perf_counter() - started)
+
+    return run
+
+
+@dataclass(frozen=True)
+class GeneratedRound:
+    """One generation round: completions in shard order, one row per shard generated now (SHARD_RUNS_SCHEMA: a
+    resumed round lists only what it generated), and the wall time (less than the shards' summed time when several
+    workers ran them)."""
+
+    completions: pl.DataFrame
+    shard_runs: pl.DataFrame
+    wall_seconds: float
+
+
+def generate_round(
+    spec: BuildSpec,
+    cells: pl.DataFrame,
+    method: Method,
+    shard_dir: Path,
+    runner: ShardRunner,
+    *,
+    seed_key: str = "round-00",
+    round_no: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GeneratedRound:
+    """The one shard loop: every shard of the plan, finished ones read back from shard_dir (resume after a crash),
+    the rest handed to `runner` and written as each comes back.
+
+    `on_progress(done_prompts, total_prompts)` is called once for the shards found on disk, then after each shard
+    generated (all its turns).
+    """
+    started = time.perf_counter()
+    shards = plan_shards(spec, cells, method, shard_dir, seed_key=seed_key)
+    Path(shard_dir).mkdir(parents=True, exist_ok=True)
+    total = sum(s.prompts for s in shards)
+    frames = {s.index: frame for s in shards if (frame := read_shard(spec, s, method)) is not None}
+    done = sum(s.prompts for s in shards if s.index in frames)
+    if on_progress is not None:
+        on_progress(done, total)
+    runs: list[dict[str, Any]] = []
+    for shard, ran in runner([s for s in shards if s.index not in frames]):
+        write_shard(ran.completions, shard)
+        frames[shard.index] = ran.completions
+        runs.append({
+            "round": round_no, "shard": shard.index, "prompts": shard.prompts, "worker": ran.worker,
+            "seconds": round(ran.seconds, 3), "engine_load_seconds": round(ran.engine_load_seconds, 3),
+            "completion_tokens": int(ran.completions["completion_tokens"].sum()) if ran.completions.height else 0,
+        })  # fmt: skip
+        done += shard.prompts
+        if on_progress is not None:
+            on_progress(done, total)
+    return GeneratedRound(
+        completions=concat_shards(spec, [frames[s.index] for s in shards]),
+        shard_runs=pl.DataFrame(sorted(runs, key=lambda r: r["shard"]), schema=SHARD_RUNS_SCHEMA),
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
 def generate(
     spec: BuildSpec,
     cells: pl.DataFrame,
@@ -194,23 +223,16 @@ def generate(
     *,
     seed_key: str = "round-00",
 ) -> pl.DataFrame:
-    """All completions of the plan, shard after shard in this process, one row per completion and turn. A shard
-    already on disk is read back, not regenerated (resume after a crash). The build flow runs the same shards as
-    Prefect tasks instead (in threads, or on Dask/Ray workers).
+    """All completions of the plan, generated here on `engine` (the shard loop with an in-process runner), one row
+    per completion and turn. `on_batch(done_prompts, total_prompts)` is called after each shard generated, and once
+    for the shards read back when there are any."""
 
-    `on_batch(done_prompts, total_prompts)` is called after each shard (all its turns), for progress displays.
-    """
-    shards = plan_shards(spec, cells, method, shard_dir, seed_key=seed_key)
-    Path(shard_dir).mkdir(parents=True, exist_ok=True)
-    total = sum(s.prompts for s in shards)
-    frames = []
-    done = 0
-    for shard in shards:
-        frames.append(generate_shard(spec, shard, engine, method))
-        done += shard.prompts
-        if on_batch is not None:
+    def report(done: int, total: int) -> None:
+        if on_batch is not None and done:
             on_batch(done, total)
-    return concat_shards(spec, frames)
+
+    runner = in_process(spec, engine, method)
+    return generate_round(spec, cells, method, shard_dir, runner, seed_key=seed_key, on_progress=report).completions
 
 
 @dataclass

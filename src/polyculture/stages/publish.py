@@ -1,5 +1,7 @@
 """publish: the final records as a Hugging Face datasets folder with a dataset card and the diversity report.
 
+The card's body is rendered by the report (report.card) and handed in; this stage adds its YAML metadata.
+
 The folder is built in a hidden temporary sibling and renamed into place, so a crash never leaves a half-written dataset.
 """
 
@@ -7,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from polyculture.spec import BuildSpec
@@ -55,8 +55,9 @@ def dataset_folder_name(dataset: str, run_id: str) -> str:
     return f"{dataset}-{run_id}"
 
 
-def publish_local(spec: BuildSpec, final: pl.DataFrame, report: dict, report_dir: Path, dataset_dir: Path) -> Path:
-    """Write dataset_dir: data/*.parquet, README.md (dataset card), report.json, report.md and plots/; return it."""
+def publish_local(spec: BuildSpec, final: pl.DataFrame, card: str, report_dir: Path, dataset_dir: Path) -> Path:
+    """Write dataset_dir: data/*.parquet, README.md (the card's YAML metadata above `card`, the body the report
+    renders), report.json, report.md, report.html and plots/ copied from report_dir; return it."""
     dataset_dir, report_dir = Path(dataset_dir), Path(report_dir)
     _refuse_non_empty(dataset_dir)
     missing = [name for name in ("report.json", "report.md") if not (report_dir / name).is_file()]
@@ -75,8 +76,7 @@ def publish_local(spec: BuildSpec, final: pl.DataFrame, report: dict, report_dir
             shutil.copy2(report_dir / "report.html", staging / "report.html")
         if (report_dir / "plots").is_dir():
             shutil.copytree(report_dir / "plots", staging / "plots")
-        report_md = (report_dir / "report.md").read_text(encoding="utf-8")
-        dataset_card(spec, report, report_md, table.num_rows, list(table.column_names)).save(staging / "README.md")
+        dataset_card(spec, card, table.num_rows).save(staging / "README.md")
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the published folder should read like any other
         _refuse_non_empty(dataset_dir)  # checked again: someone may have written there while we built
         if dataset_dir.is_dir():
@@ -145,28 +145,8 @@ def _coerce(value: Any, kind: pa.DataType | None, where: str) -> Any:
 
 def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
     """Record fields (schema order, typed from the schema) followed by the metadata columns."""
-    needed = ["record_json", *(source for source, _ in METADATA_COLUMNS.values())]
-    absent = [c for c in needed if c not in final.columns]
-    if absent:
-        raise PublishError(f"the final records frame lacks columns {absent} (columns: {final.columns})")
-    properties: dict[str, Any] = spec.record_schema.get("properties", {})
-    records: list[dict[str, Any]] = []
-    for record_id, text in zip(final["record_id"].to_list(), final["record_json"].to_list(), strict=True):
-        try:
-            record = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise PublishError(f"record {record_id}: record_json is not JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise PublishError(f"record {record_id}: record_json is not a JSON object")
-        records.append(record)
-
-    # Keys the schema does not declare (when it allows them) still ship, after the declared ones, as text.
-    extra = list(dict.fromkeys(k for r in records for k in r if k not in properties))
-    clash = [k for k in [*properties, *extra] if k in METADATA_COLUMNS]
-    if clash:
-        raise PublishError(f"record fields {clash} clash with the metadata columns {list(METADATA_COLUMNS)}")
-    fields = [(name, _field_type(properties[name])) for name in properties] + [(name, None) for name in extra]
-
+    records = _records(final)
+    fields = _fields(spec, records)
     record_ids = final["record_id"].to_list()
     columns: dict[str, pa.Array] = {}
     for name, kind in fields:
@@ -182,6 +162,40 @@ def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
     for column, (source, kind) in METADATA_COLUMNS.items():
         columns[column] = pa.array(final[source].to_list(), type=kind)
     return pa.table(columns)
+
+
+def record_fields(spec: BuildSpec, final: pl.DataFrame) -> list[str]:
+    """The columns records_table writes before the metadata ones: the record's fields, then extracted attributes."""
+    return [name for name, _ in _fields(spec, _records(final))] + [a.name for a in spec.extract_attributes]
+
+
+def _records(final: pl.DataFrame) -> list[dict[str, Any]]:
+    """Each final record's JSON object, after checking the frame has the columns publishing reads."""
+    needed = ["record_json", *(source for source, _ in METADATA_COLUMNS.values())]
+    absent = [c for c in needed if c not in final.columns]
+    if absent:
+        raise PublishError(f"the final records frame lacks columns {absent} (columns: {final.columns})")
+    records: list[dict[str, Any]] = []
+    for record_id, text in zip(final["record_id"].to_list(), final["record_json"].to_list(), strict=True):
+        try:
+            record = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise PublishError(f"record {record_id}: record_json is not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise PublishError(f"record {record_id}: record_json is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _fields(spec: BuildSpec, records: list[dict[str, Any]]) -> list[tuple[str, pa.DataType | None]]:
+    """(name, Arrow type) of each record field: the schema's in its order, then keys it does not declare (as text)."""
+    properties: dict[str, Any] = spec.record_schema.get("properties", {})
+    # Keys the schema does not declare (when it allows them) still ship, after the declared ones, as text.
+    extra = list(dict.fromkeys(k for r in records for k in r if k not in properties))
+    clash = [k for k in [*properties, *extra] if k in METADATA_COLUMNS]
+    if clash:
+        raise PublishError(f"record fields {clash} clash with the metadata columns {list(METADATA_COLUMNS)}")
+    return [(name, _field_type(properties[name])) for name in properties] + [(name, None) for name in extra]
 
 
 # ---- card ---------------------------------------------------------------------------------------------------------
@@ -213,121 +227,10 @@ def card_metadata(spec: BuildSpec, rows: int) -> DatasetCardData:
     )
 
 
-def dataset_card(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> DatasetCard:
-    body = _card_body(spec, report, report_md, rows, columns)
+def dataset_card(spec: BuildSpec, body: str, rows: int) -> DatasetCard:
+    """README.md: the card's YAML metadata (card_metadata) above `body` (the Markdown report.card renders)."""
     card = DatasetCard.from_template(card_metadata(spec, rows), template_str=CARD_TEMPLATE, body=body)
     # Parsed back the way the Hub and `datasets` will read it: a card whose YAML does not survive is never written.
     if DatasetCard(str(card)).data.to_dict() != card.data.to_dict():
         raise PublishError("the dataset card's YAML metadata does not read back as written")
     return card
-
-
-def _card_body(spec: BuildSpec, report: dict, report_md: str, rows: int, columns: list[str]) -> str:
-    method = spec.method
-    method_text = f"`{method.name}`"
-    if method.name.startswith("vs_"):
-        method_text += f" (Verbalized Sampling, k={method.k} responses per call"
-        if method.probability_threshold is not None:
-            method_text += f", each with probability below {method.probability_threshold}"
-        method_text += ")"
-    s = spec.sampling
-    hub = spec.publish.hub
-    lines = [f"# {spec.name}", ""]
-    if spec.description:
-        lines += [spec.description, ""]
-    lines += [
-        (
-            f"Synthetic dataset of {rows} records built with polyculture, which generates with "
-            "anti-mode-collapse prompting, removes near duplicates and rebalances attributes to exact targets."
-        ),
-        "",
-        "## How it was made",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| model | `{spec.model.label}` |",
-        f"| engine | {spec.model.engine} (dtype {spec.model.dtype}) |",
-        f"| method | {method_text} |",
-        f"| sampling | temperature {s.temperature}, top_p {s.top_p}, max_tokens {s.max_tokens}, {s.n} sample(s) per prompt |",
-        f"| dedup | cosine >= {spec.dedup.threshold} with `{spec.dedup.embedding_model}` |",
-        f"| seed | {spec.seed} |",
-        f"| run | `{report.get('run_id', '')}` (spec fingerprint `{str(report.get('spec_fingerprint', spec.fingerprint()))[:12]}`) |",
-        "",
-    ]
-    headline = report.get("headline", {})
-    if headline:
-        lines += ["## Headline figures", "", "| figure | value |", "|---|---:|"]
-        lines += [f"| {key.replace('_', ' ')} | {_fmt(value)} |" for key, value in headline.items()]
-        lines.append("")
-    lines += _diversity_table(report.get("diversity"))
-    lines += [
-        "## Columns",
-        "",
-        "Record fields: " + ", ".join(f"`{c}`" for c in columns if c not in METADATA_COLUMNS) + ".",
-        (
-            "Metadata: `_record_id` (run-unique id), `_method` (prompting method), `_model` (generating model), "
-            "`_verbalized_probability` (the probability the model stated for this response under Verbalized Sampling; "
-            "empty otherwise)."
-        ),
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        f'ds = load_dataset("{hub.repo_id if hub else "path/or/repo_id"}", split="train")',
-        "```",
-        "",
-        "## Build spec",
-        "",
-        "The spec this run was built from (polyculture `BuildSpec`, defaults filled in) and the record schema:",
-        "",
-        "<details><summary>spec (YAML)</summary>",
-        "",
-        _fenced(
-            yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True), "yaml"
-        ),
-        "",
-        "</details>",
-        "",
-        "<details><summary>record schema (JSON Schema)</summary>",
-        "",
-        _fenced(json.dumps(spec.record_schema, indent=2, ensure_ascii=False), "json"),
-        "",
-        "</details>",
-        "",
-        "The full report is in `report.md` / `report.json`; it is repeated below.",
-        "",
-        _demote_headings(report_md).strip(),
-    ]
-    return "\n".join(lines)
-
-
-def _diversity_table(diversity: Any) -> list[str]:
-    """Per-stage diversity (validated -> final, and any stage the report adds) as one table; [] when absent."""
-    if not isinstance(diversity, dict):
-        return []
-    stages = {name: figures for name, figures in diversity.items() if isinstance(figures, dict)}
-    metrics = list(dict.fromkeys(k for f in stages.values() for k, v in f.items() if isinstance(v, int | float)))
-    if not stages or not metrics:
-        return []
-    lines = ["## Diversity by stage", "", "| stage | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"]
-    lines.append("|---|" + "---:|" * len(metrics))
-    for name, figures in stages.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(figures.get(m)) for m in metrics) + " |")
-    return [*lines, ""]
-
-
-def _fenced(text: str, lang: str) -> str:
-    # A fence longer than any backtick run inside (a prompt template may hold one) keeps the block closed.
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
-
-
-def _demote_headings(markdown: str) -> str:
-    # The report's "# title" becomes a section of the card.
-    return re.sub(r"^(#+ )", r"#\1", markdown, flags=re.MULTILINE)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "n/a" if value is None else str(value)

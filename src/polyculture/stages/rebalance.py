@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.index.vectors import normalise_rows
-from polyculture.spec import Attribute, CellWeight
+from polyculture.spec import Attribute, RebalanceSpec
 from polyculture.stages.plan import cell_key, joint_targets, marginal_quotas, marginal_targets, table_targets
 from polyculture.stages.rejects import reject, rejects_frame
 
@@ -52,14 +52,13 @@ _CELL_COLUMNS = {"cell_key", "target", "available", "kept", "deficit", "wanted",
 def rebalance(
     records: pl.DataFrame,
     embeddings: np.ndarray,
+    settings: RebalanceSpec,
     attributes: Sequence[Attribute],
     target_size: int,
-    *,
-    targets: Targets = "joint",
-    table: Sequence[CellWeight] | None = None,
-    surplus: Surplus = "farthest_point",
-    mmr_lambda: float = 0.5,
 ) -> RebalanceResult:
+    """Cut `records` to exact targets over `attributes` summing to `target_size`; `settings` (the spec's rebalance
+    section) says which targets (joint, marginals, table) and how a surplus cell is cut."""
+    targets, table, surplus, mmr_lambda = settings.targets, settings.table, settings.surplus, settings.mmr_lambda
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != records.height:
         raise ValueError(
@@ -67,10 +66,6 @@ def rebalance(
         )
     if target_size < 0:
         raise ValueError(f"target_size must be >= 0; got {target_size}")
-    if targets == "table" and not table:
-        raise ValueError("targets 'table' needs a non-empty table of joint cells and weights")
-    if surplus not in ("farthest_point", "mmr"):
-        raise ValueError(f"surplus must be 'farthest_point' or 'mmr'; got {surplus!r}")
     missing = [a.name for a in attributes if a.name not in records.columns]
     if missing:
         raise ValueError(f"records frame has no column for attributes {missing} (columns: {records.columns})")

@@ -18,11 +18,11 @@ import polars as pl
 
 from polyculture.spec import BuildSpec
 from polyculture.stages.plan import cell_key, items_per_call
+from polyculture.stages.prompts import HINTS_COLUMN
 
 # A cell nothing has landed in yet is planned at this share of the overall yield, so it gets prompts without
 # an unbounded request (the token budget and the round limit bound the rest).
 MIN_YIELD_SHARE = 0.25
-HINTS_COLUMN = "hints"
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,6 @@ def explain_shortfalls(cells: pl.DataFrame, prompts: dict[str, int], rounds: int
             + (f" [{row['reason']}]" if row["reason"] and not row["reason"].startswith("only ") else "")
         )
     return cells.with_columns(pl.Series("reason", reasons, dtype=pl.String))
-
-
-def hint_lines(spec: BuildSpec, hints: dict[str, str]) -> str:
-    import jinja2
-
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(spec.rebalance.hint)
-    return "\n".join(template.render(name=name.replace("_", " "), value=value) for name, value in hints.items())
 
 
 def _schema(spec: BuildSpec) -> dict[str, pl.DataType]:

@@ -37,7 +37,8 @@ def records_schema(spec: BuildSpec) -> dict[str, Any]:
     return schema | {a.name: pl.String for a in spec.attributes}
 
 
-def validate(spec: BuildSpec, completions: pl.DataFrame, method: Method) -> ValidationResult:
+def validate(completions: pl.DataFrame, spec: BuildSpec, method: Method) -> ValidationResult:
+    """Every completion parsed by `method` into records checked against the spec's record schema; the rest rejects."""
     validator_cls = jsonschema.validators.validator_for(spec.record_schema)
     validator = validator_cls(spec.record_schema, format_checker=validator_cls.FORMAT_CHECKER)
     field_order = list(spec.record_schema["properties"])

@@ -1,1 +1,1 @@
-"""Diffuse fine-tuning and the model probe (issue 4)."""
+"""Diffuse fine-tuning (LoRA on a distribution of valid answers) and the model probe of mode collapse."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from polyculture.engines.model_files import EMBEDDED_CHAT_MODELS
+from polyculture.embedded import EMBEDDED_CHAT_MODELS
 from polyculture.tuning.families import FamilyError, TaskFamily, available_families, resolve_family
 from polyculture.tuning.yaml_file import load_validated
 

@@ -1,0 +1,72 @@
+"""How a command fails: one table from exception type to exit code, used by every command.
+
+Exit codes: 0 ok; 1 a failure of its own kind (a comparison where every method failed, serve losing its server);
+2 a bad spec, config or argument; 3 a model, engine, runner or index not available here; Hub: 4 no token or token
+rejected, 5 no write access, 6 unreachable, 7 already published or the repo moved on, 8 any other Hub refusal.
+
+The table names each exception class by the module that defines it, so it imports nothing: a command's own lazy
+imports stay lazy (`--help` and `schema` never load Prefect or torch). The most specific class of an exception's MRO
+that the table lists decides; an exception the table does not list is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NoReturn, ParamSpec, TypeVar
+
+import typer
+
+from polyculture.cli.display import err
+
+EXIT_CODES: dict[str, int] = {
+    "polyculture.spec.base.SpecError": 2,
+    "polyculture.flows.schedules.ScheduleError": 2,
+    "polyculture.runs.folders.RunBusy": 2,
+    "polyculture.index.sources.SourceError": 2,
+    "polyculture.tuning.families.FamilyError": 2,
+    "polyculture.tuning.config.TuneConfigError": 2,
+    "polyculture.engines.model_files.ModelUnavailable": 3,
+    "polyculture.engines.base.EngineError": 3,
+    "polyculture.flows.runners.RunnerUnavailable": 3,
+    "polyculture.preflight.IndexUnavailable": 3,
+    "polyculture.hub.push.HubInputError": 2,
+    "polyculture.hub.push.HubAuthError": 4,
+    "polyculture.hub.push.HubPermissionError": 5,
+    "polyculture.hub.push.HubUnreachable": 6,
+    "polyculture.hub.push.HubConflict": 7,
+    "polyculture.hub.push.HubError": 8,
+}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code the table gives `exc` (None: not a failure the commands report, let it raise)."""
+    for cls in type(exc).__mro__:
+        code = EXIT_CODES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            return code
+    return None
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
+    """`command` with every exception of the table reported as `error: <message>` and its exit code."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            code = exit_code_for(exc)
+            if code is None:
+                raise
+            fail(str(exc), code)
+
+    return run

@@ -1,0 +1,183 @@
+"""BuildSpec: one dataset build, made of the sections, with the checks that span sections.
+
+Building one from a mapping reads no file and asks no model registry; `polyculture.preflight` does that once the
+spec is valid, and attaches what it found (`base_dir`, `record_schema`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from pydantic import Field, field_validator, model_validator
+
+from polyculture.spec.base import _Strict
+from polyculture.spec.model import ModelSpec
+from polyculture.spec.outputs import PublishSpec, ReportSpec
+from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
+from polyculture.spec.sections import (
+    Attribute,
+    DedupSpec,
+    GenerationSpec,
+    MethodSpec,
+    PromptSpec,
+    RebalanceSpec,
+    RecordSpec,
+    SamplingSpec,
+)
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+class BuildSpec(_Strict):
+    """One dataset build."""
+
+    name: str = Field(description="Dataset name (letters, digits, - _ .); the run folder is named after it.")
+    description: str = ""
+    prompt: PromptSpec
+    record: RecordSpec
+    attributes: list[Attribute] = Field(default_factory=list)
+    target_size: int = Field(ge=1, le=10_000_000, description="Records in the published dataset.")
+    method: MethodSpec = MethodSpec()
+    model: ModelSpec = ModelSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    generation: GenerationSpec = GenerationSpec()
+    dedup: DedupSpec = DedupSpec()
+    rebalance: RebalanceSpec = RebalanceSpec()
+    seed: int = Field(default=0, ge=0)
+    publish: PublishSpec = PublishSpec()
+    report: ReportSpec = ReportSpec()
+    runner: RunnerSpec = Field(default_factory=RunnerSpec, description="Where generation shards run (task runner).")
+    schedule: ScheduleSpec | None = Field(default=None, description="Cron schedule for `polyculture serve`.")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_string(cls, value: Any) -> Any:
+        return {"cron": value} if isinstance(value, str) else value  # `schedule: "0 3 * * *"` is the common case
+
+    # Attached by preflight (the spec file's folder and the record schema read from it); not part of the YAML.
+    _base_dir: Path = Path(".")
+    _record_schema: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not DATASET_NAME.match(name):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, '-', '_' or '.'")
+        return name
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> BuildSpec:
+        # preflight's record schema checks come between the attribute names and the prompt (it relies on this order)
+        problem = attribute_names_problem(self.attributes)
+        if problem is not None:
+            raise ValueError(problem)
+        names = [a.name for a in self.attributes]
+        undeclared = _template_variables(self.prompt) - {a.name for a in self.attributes} - TEMPLATE_BUILTINS
+        if undeclared:
+            raise ValueError(
+                f"prompt.template: uses undefined variables {sorted(undeclared)}; allowed: attribute names "
+                f"{names} and {sorted(TEMPLATE_BUILTINS)}"
+            )
+        self._check_table()
+        return self
+
+    def _check_table(self) -> None:
+        table = self.rebalance.table or []
+        names = [a.name for a in self.attributes]
+        allowed = {a.name: a.values for a in self.attributes}
+        seen: set[tuple[str, ...]] = set()
+        for i, row in enumerate(table):
+            where = f"rebalance.table.{i}.cell"
+            if sorted(row.cell) != sorted(names):
+                raise ValueError(f"{where}: needs exactly one value for each attribute {names}; got {sorted(row.cell)}")
+            for name, value in row.cell.items():
+                if value not in allowed[name]:
+                    raise ValueError(f"{where}.{name}: {value!r} is not one of {allowed[name]}")
+            key = tuple(row.cell[n] for n in names)
+            if key in seen:
+                raise ValueError(f"{where}: the cell {row.cell} is listed twice")
+            seen.add(key)
+        if table and sum(row.weight for row in table) <= 0:
+            raise ValueError("rebalance.table: weights must not all be 0")
+
+    def attach(self, base_dir: Path, record_schema: dict[str, Any]) -> BuildSpec:
+        """A copy of this spec that knows the folder its relative paths start from and its record schema."""
+        attached = self.model_copy()
+        attached._base_dir = base_dir
+        attached._record_schema = record_schema
+        return attached
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the spec start from ('.' until preflight attaches the spec file's folder)."""
+        return self._base_dir
+
+    @property
+    def record_schema(self) -> dict[str, Any]:
+        """The record's JSON Schema ({} until preflight has read and checked it)."""
+        return self._record_schema
+
+    @property
+    def prompt_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "prompt"]
+
+    @property
+    def field_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "field"]
+
+    @property
+    def extract_attributes(self) -> list[Attribute]:
+        return [a for a in self.attributes if a.source == "extract"]
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that decides the output (spec and record schema; not the runner)."""
+        # The runner decides where shards run, not what they hold: a run resumes under any runner.
+        spec = self.model_dump(mode="json", by_alias=True, exclude={"runner"})
+        payload = json.dumps({"spec": spec, "schema": self._record_schema}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# Pipeline columns an attribute (a column of its own in every frame) must not shadow.
+RESERVED_COLUMNS = frozenset(
+    {"call_id", "cell_id", "cell_key", "prompt_index", "sample_index", "system", "user", "completion", "prompt_tokens",
+     "completion_tokens", "finish_reason", "method", "model", "engine", "batch_seconds", "shard", "turn", "messages",
+     "record_id", "item_index",
+     "verbalized_probability", "record_json", "text", "quota", "n_prompts", "target", "available", "kept",
+     "deficit", "reason"}
+)  # fmt: skip
+# Variables every template may use besides the attributes.
+TEMPLATE_BUILTINS = frozenset({"k", "index"})
+
+
+def attribute_names_problem(attributes: list[Attribute]) -> str | None:
+    """Why the attribute names cannot all be columns (repeated or reserved); None when they can."""
+    names = [a.name for a in attributes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return f"attributes: names must be distinct; repeated: {repeated}"
+    clashing = sorted(set(names) & RESERVED_COLUMNS)
+    if clashing:
+        return f"attributes: {clashing} are reserved column names; reserved: {sorted(RESERVED_COLUMNS)}"
+    return None
+
+
+def _template_variables(prompt: PromptSpec) -> set[str]:
+    env = jinja2.Environment()
+    found: set[str] = set()
+    for text in (prompt.template, prompt.system):
+        if text:
+            found |= jinja2.meta.find_undeclared_variables(env.parse(text))
+    return found
+
+
+def build_spec_json_schema() -> dict[str, Any]:
+    schema = BuildSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://polyculture.dev/schemas/build-spec.schema.json"
+    return schema
