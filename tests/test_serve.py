@@ -326,3 +326,50 @@ def test_stopping_serve_pauses_the_schedule_and_serving_again_resumes_it(client,
     log = (tmp_path / "serve.err").read_text()
     assert "stopped; the schedules are paused" in log and "Traceback" not in log
     assert _deployment(client, "stop-bios", second, paused=True).id == deployment.id
+
+
+@pytest.mark.parametrize("stop_at", ["registering", "reporting"])
+def test_a_stop_before_serving_pauses_what_was_registered_and_registers_nothing_more(
+    client, prefect_api, tmp_path, monkeypatch, stop_at
+):
+    """Ctrl-C at a chosen point, in this process: while the first of two deployments registers, or while serve reports
+    them. Either way serve returns normally, nothing more is registered, and what was registered is paused."""
+    from prefect.exceptions import ObjectNotFound
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from polyculture.flows.schedules import load_scheduled_specs, serve_deployments, to_deployment
+
+    first = _write_spec(tmp_path, f"early-{stop_at}-a", schedule={"cron": _far_cron(), "timezone": TZ})
+    second = _write_spec(tmp_path, f"early-{stop_at}-b", schedule={"cron": _far_cron(), "timezone": TZ})
+    deployments = [to_deployment(item) for item in load_scheduled_specs([first, second])]
+    reported: list[Any] = []
+    if stop_at == "registering":
+        add = Runner.add_deployment
+
+        def add_then_interrupt(self: Any, deployment: Any) -> Any:
+            added = add(self, deployment)
+            os.kill(os.getpid(), signal.SIGINT)  # lands while the first registration is still in progress
+            return added
+
+        monkeypatch.setattr(Runner, "add_deployment", add_then_interrupt)
+
+    def on_registered(ids: list[Any]) -> None:
+        reported.extend(ids)
+        if stop_at == "reporting":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        serve_deployments(deployments, on_registered=on_registered)  # returns: no KeyboardInterrupt, no exit 130
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
+
+    paused = client.read_deployment_by_name(f"build_dataset/early-{stop_at}-a")
+    assert paused.paused is True and not _scheduled_runs(client, paused.id)
+    if stop_at == "registering":
+        assert reported == []  # serve never reported a half-registered set
+        with pytest.raises(ObjectNotFound):
+            client.read_deployment_by_name(f"build_dataset/early-{stop_at}-b")
+    else:
+        assert len(reported) == 2
+        assert client.read_deployment_by_name(f"build_dataset/early-{stop_at}-b").paused is True

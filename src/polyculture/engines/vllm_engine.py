@@ -22,6 +22,7 @@ Parallelism (as vLLM 0.32 handles it):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -107,6 +108,7 @@ class VLLMEngine:
             ) from exc
         self.model_name = model.name
         self.lora: Any = None  # the LoRARequest every call carries when an adapter is served
+        self._compiled_schemas: set[str] = set()  # JSON Schemas whose grammar vLLM has compiled (see _isolate_call)
         args = llm_arguments(model, seed=seed, dtype=dtype, max_model_len=max_model_len, parallel=parallel)
         args.update(_checked_engine_args(engine_args or {}))
         try:
@@ -178,6 +180,7 @@ class VLLMEngine:
                 # CPU: per-request generators crash the engine; reset the workers' global stream instead.
                 # Same seed + same requests in the same order = same samples: this is what makes resume exact.
                 # By name, through the worker extension: works whether the workers are in this process or not.
+                self._isolate_call(json_schema)
                 self.llm.collective_rpc("polyculture_reseed", args=(params.seed,))
         outputs = self.llm.chat(conversations, sampling, use_tqdm=False, lora_request=self.lora)
         results: list[list[Completion]] = []
@@ -195,6 +198,26 @@ class VLLMEngine:
                 ]
             )
         return results
+
+    def _isolate_call(self, json_schema: dict[str, Any] | None) -> None:
+        """Make the next seeded call a function of its own requests and seed only, not of what ran before it.
+
+        One seeded stream serves the whole batch, one draw per engine step, so which request gets which random
+        numbers depends on the step at which each request starts decoding. Two things made that depend on history:
+        prefix-cache hits left by earlier calls (a cached prompt prefills in fewer steps) and the first use of a JSON
+        schema (requests wait, for a varying time, for its grammar to compile). So: compile each schema once with a
+        greedy one-token call (greedy draws nothing from the stream), and start every seeded call with an empty
+        prefix cache. Without this, a shard's completions changed with the order shards ran in, and a resumed run
+        did not publish what an uninterrupted one would have.
+        """
+        from vllm.inputs import TokensPrompt
+
+        key = json.dumps(json_schema, sort_keys=True) if json_schema is not None else ""
+        if key not in self._compiled_schemas:
+            greedy = self._params(SamplingParams(temperature=0.0, max_tokens=1), json_schema)
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], greedy, use_tqdm=False, lora_request=self.lora)
+            self._compiled_schemas.add(key)
+        self.llm.reset_prefix_cache()
 
     def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
         """Prompt log-probs of [chat prompt + continuation + end-of-turn]; the sum over the continuation's tokens."""

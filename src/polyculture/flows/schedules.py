@@ -136,31 +136,66 @@ def serve_deployments(
     """Register the deployments, then execute their runs here until SIGINT or SIGTERM.
 
     This is `prefect.serve` with a hook between registering and serving, so the caller reports the deployments only
-    once the server has them, and with SIGTERM handled like Ctrl-C: both cancel the runner, whose exit pauses the
-    schedules (the next serve un-pauses them: a registered deployment is never left paused). Prefect's own SIGTERM
-    handler exits from inside the event loop instead, and prints a traceback when the pause then fails.
+    once the server has them. SIGINT and SIGTERM only ask to stop, whenever they arrive: a registration in flight
+    finishes, nothing more is registered, and every deployment registered so far is paused before this returns
+    (the next serve un-pauses them: a registered deployment is never left running unserved nor left paused).
+    Once the runner serves, a stop cancels it and its exit pauses the schedules (Prefect's pause-on-shutdown); Prefect's
+    own handlers (KeyboardInterrupt anywhere, its SIGTERM exit from inside the event loop) are not used.
     Raises what pausing raised (e.g. httpx.ConnectError when the server went away first).
     """
+    import signal
+    import threading
+
     from prefect.runner import Runner
 
+    stop = threading.Event()
     main_task: asyncio.Task[None] | None = None
 
+    def request_stop(*_: Any) -> None:
+        stop.set()
+        if main_task is not None:
+            main_task.get_loop().call_soon_threadsafe(main_task.cancel)
+
     class _Runner(Runner):
-        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
-            if main_task is not None:  # what asyncio.run does on SIGINT
-                main_task.get_loop().call_soon_threadsafe(main_task.cancel)
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:  # installed by Runner.start
+            request_stop()
 
     runner = _Runner(pause_on_shutdown=True)
-    ids = [runner.add_deployment(deployment) for deployment in deployments]
-    if on_registered is not None:
-        on_registered(ids)
-
-    async def main() -> None:
-        nonlocal main_task
-        main_task = asyncio.current_task()
-        await runner.start()
-
+    ids: list[UUID] = []
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        pass  # the normal way to stop; the runner's exit has paused the schedules
+        for deployment in deployments:
+            if stop.is_set():
+                break
+            ids.append(runner.add_deployment(deployment))
+        if on_registered is not None and not stop.is_set():
+            on_registered(ids)
+
+        async def main() -> None:
+            nonlocal main_task
+            main_task = asyncio.current_task()
+            if not stop.is_set():  # a stop that came before this task existed had nothing to cancel
+                await runner.start()
+
+        if not stop.is_set():
+            try:
+                asyncio.run(main())
+            except asyncio.CancelledError:
+                pass  # the normal way to stop; the runner's exit has paused the schedules
+        # Stopped before the runner served (or while it started): pause what was registered ourselves. Pausing a
+        # paused deployment changes nothing, so this is safe after the runner's own pause too.
+        pause_deployments(ids)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def pause_deployments(ids: Sequence[UUID]) -> None:
+    """Pause the schedules of these deployments on the Prefect API."""
+    if not ids:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for deployment_id in ids:
+            client.pause_deployment(deployment_id)
