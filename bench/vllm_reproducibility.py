@@ -2,8 +2,9 @@
 
 Resume and any shard order rely on it: a shard is a pure function of (its requests, its seed). This runs two shards
 of the demo spec on one engine in the order A, B, A, B and prints, per shard, how many completions the second run
-reproduced. Run it on the engine as it is, then with --no-isolation to see what the engine's per-call isolation
-(grammar warm-up, prefix-cache reset) buys.
+reproduced. Run it on the engine as it is, then with --no-isolation to see what the engine's isolation buys
+(grammars compiled synchronously, an empty prefix cache at the start of every seeded call). Run two at once to see it
+hold on a busy machine (background grammar compilation made the outcome depend on thread timing).
 
     .venv/bin/python bench/vllm_reproducibility.py --max-tokens 120 --json
 """
@@ -37,6 +38,7 @@ if __name__ == "__main__":
     shards = plan_shards(spec, plan(spec), method, "/tmp/unused-shards")[:2]
     if args.no_isolation:
         vllm_engine.VLLMEngine._isolate_call = lambda self, schema: None  # type: ignore[method-assign]
+        vllm_engine._compile_grammars_synchronously = lambda llm: False
     started = time.perf_counter()
     engine = create_engine(spec.model, seed=spec.seed, base_dir=spec.base_dir)
     load_s = time.perf_counter() - started

@@ -22,7 +22,6 @@ Parallelism (as vLLM 0.32 handles it):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -108,7 +107,6 @@ class VLLMEngine:
             ) from exc
         self.model_name = model.name
         self.lora: Any = None  # the LoRARequest every call carries when an adapter is served
-        self._compiled_schemas: set[str] = set()  # JSON Schemas whose grammar vLLM has compiled (see _isolate_call)
         args = llm_arguments(model, seed=seed, dtype=dtype, max_model_len=max_model_len, parallel=parallel)
         args.update(_checked_engine_args(engine_args or {}))
         try:
@@ -117,6 +115,7 @@ class VLLMEngine:
             # data_parallel_size > 1 works only under torchrun (external_launcher): point elsewhere when it fails
             hint = f"; {DATA_PARALLEL_HINT}" if parallel.data > 1 else ""
             raise EngineError(f"vLLM could not start model '{model.name}' from {model.path}: {exc}{hint}") from exc
+        _compile_grammars_synchronously(self.llm)
         if model.adapter is not None:
             self._load_adapter(model)
 
@@ -203,20 +202,10 @@ class VLLMEngine:
         """Make the next seeded call a function of its own requests and seed only, not of what ran before it.
 
         One seeded stream serves the whole batch, one draw per engine step, so which request gets which random
-        numbers depends on the step at which each request starts decoding. Two things made that depend on history:
-        prefix-cache hits left by earlier calls (a cached prompt prefills in fewer steps) and the first use of a JSON
-        schema (requests wait, for a varying time, for its grammar to compile). So: compile each schema once with a
-        greedy one-token call (greedy draws nothing from the stream), and start every seeded call with an empty
-        prefix cache. Without this, a shard's completions changed with the order shards ran in, and a resumed run
-        did not publish what an uninterrupted one would have.
+        numbers depends on the step at which each request starts decoding. Prefix-cache hits left by earlier calls
+        change that (a cached prompt prefills in fewer steps): every seeded call starts with an empty prefix cache.
+        (Grammars are compiled synchronously for the same reason: see _compile_grammars_synchronously.)
         """
-        from vllm.inputs import TokensPrompt
-
-        key = json.dumps(json_schema, sort_keys=True) if json_schema is not None else ""
-        if key not in self._compiled_schemas:
-            greedy = self._params(SamplingParams(temperature=0.0, max_tokens=1), json_schema)
-            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], greedy, use_tqdm=False, lora_request=self.lora)
-            self._compiled_schemas.add(key)
         self.llm.reset_prefix_cache()
 
     def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
@@ -249,6 +238,23 @@ class VLLMEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _compile_grammars_synchronously(llm: Any) -> bool:
+    """Compile each request's JSON grammar when it is added, not in vLLM's background threads.
+
+    With background compilation a request waits for its grammar for a time that depends on thread scheduling, so the
+    set of requests in the first decoding steps (and with it which request gets which draw of the seeded stream) varied
+    from run to run: the same shard, seed and requests gave other completions, more often on a busy machine. vLLM
+    itself turns background compilation off where it needs determinism (its external_launcher backend); this does the
+    same on the in-process engine core. Returns False when this vLLM keeps the setting elsewhere (nothing changed).
+    """
+    core = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "engine_core", None)
+    manager = getattr(core, "structured_output_manager", None)
+    if manager is None or not hasattr(manager, "_use_async_grammar_compilation"):
+        return False
+    manager._use_async_grammar_compilation = False
+    return True
 
 
 def _per_request_seeds() -> bool:
