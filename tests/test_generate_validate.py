@@ -294,14 +294,15 @@ def test_vs_multi_generate_asks_each_turn_for_its_share(tmp_path, engine):
 
 
 def test_resume_reads_shards_written_before_turns(spec_dir, tmp_path):
-    spec = parse_spec(small_spec_dict(model={"batch_size": 64}), spec_dir)
+    spec = parse_spec(small_spec_dict(model={"batch_size": 64}, sampling={"n": 1}), spec_dir)
     method = get_method("direct")
+    cells = plan(spec).head(1).with_columns(pl.lit(1, dtype=pl.Int64).alias("n_prompts"))  # one prompt: c0-p0-s0
     old = _completions(spec, "direct", ['{"name": "Ada"}']).with_columns(
         pl.lit(0, dtype=pl.Int64).alias("shard"), pl.lit(1.5).alias("batch_seconds")
     )
     (tmp_path / "shards").mkdir()
-    old.write_parquet(tmp_path / "shards" / "shard-00000.parquet")
-    frame = generate(spec, plan(spec), _Refusing(), method, tmp_path / "shards")  # type: ignore[arg-type]
+    old.write_parquet(tmp_path / "shards" / "shard-00000.parquet")  # no checksum, no turn, no messages
+    frame = generate(spec, cells, _Refusing(), method, tmp_path / "shards")  # type: ignore[arg-type]
     assert frame["turn"].to_list() == [0] and frame.schema["turn"] == pl.Int64
     assert json.loads(frame["messages"][0]) == [{"role": "user", "content": "u"}]
     assert frame["completion"].to_list() == ['{"name": "Ada"}']

@@ -4,7 +4,8 @@
 preflight it: the record schema file is read and the attributes and text field are checked against it; model.name and
 dedup.embedding_model must name a model this machine can load; model.adapter and the dedup.reference folders must
 exist. Problems read like the spec's own validation errors (SpecError, the field named, all fields at once). The spec
-comes back with what was found attached: `spec.base_dir` (the spec file's folder) and `spec.record_schema`.
+comes back with what was found attached: `spec.base_dir` (the spec file's folder), `spec.record_schema` and
+`spec.located_files` (the adapter, reference indexes and report reference as absolute paths).
 
 `check_models` goes further, for commands about to do long work: it resolves both models to local weights and checks
 that the dedup index can run here, so a missing model fails in seconds, not after minutes of generation.
@@ -82,7 +83,22 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
         schema = _record_schema(spec.record, spec.attributes, base)
     except ValueError as exc:
         raise SpecError(spec_error_message([((), str(exc))])) from None
-    return spec.attach(base, schema)
+    return spec.attach(base, schema, _located_files(spec, base))
+
+
+def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]]:
+    """Where the files the spec names besides the record schema are, as absolute paths (the checks above found
+    them); the report reference is only looked for beside the spec, and checked when the build reads it."""
+    located: dict[str, str | list[str]] = {}
+    if spec.model.adapter is not None:
+        located["model.adapter"] = str(locate_adapter(spec.model.adapter, base_dir))
+    if spec.dedup.reference:
+        from polyculture.index.releases import locate_release_index  # faiss: only when needed
+
+        located["dedup.reference"] = [str(locate_release_index(f, base_dir)) for f in spec.dedup.reference]
+    if spec.report.reference is not None:
+        located["report.reference.path"] = str((base_dir / Path(spec.report.reference.path).expanduser()).resolve())
+    return located
 
 
 def adapter_problem(model: ModelSpec, base_dir: Path) -> str | None:

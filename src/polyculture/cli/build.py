@@ -201,6 +201,7 @@ def check(spec_path: SpecArg, as_json: JsonOpt = False) -> None:
         "method": spec.method.name,
         "model": spec.model.label,
         "engine": spec.model.engine,
+        "fingerprint": spec.fingerprint(),
     }
     if as_json:
         write_json(summary | {"plan": cells.to_dicts()})

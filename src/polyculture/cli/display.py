@@ -61,4 +61,5 @@ class RichReporter:
         first = stage not in self.last_line
         if first or done >= total or now - self.last_line[stage] >= self.LOG_EVERY_S:
             self.last_line[stage] = now
-            err.print(f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total} {note}".rstrip(), highlight=False)
+            line = f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total} {note}".rstrip()
+            err.print(line, highlight=False, markup=False, soft_wrap=True)  # one line, however long, taken as written

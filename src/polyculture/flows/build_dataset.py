@@ -35,6 +35,7 @@ from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
 from polyculture.runs.files import write_text_atomic
 from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
+from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, RunnerSpec
 from polyculture.stages.dedup import DedupResult, dedup
 from polyculture.stages.extract import ExtractResult, extract_attributes
@@ -74,6 +75,7 @@ class BuildResult:
     usage: dict[str, float]
     resumed: bool = False
     hub: dict[str, Any] | None = None  # the push (publish.hub.push_on_build): repo, commit, tag
+    corrupt_shards: int = 0  # damaged shard files found, set aside and generated again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,7 +201,7 @@ def _build(
     resumed: bool,
     task_runner: TaskRunner,
 ) -> dict[str, Any]:
-    shutil.copyfile(spec_path, run_dir / "spec.yaml")
+    write_run_spec(spec, Path(spec_path), run_dir)
     references = [
         load_release_index(locate_release_index(folder, spec.base_dir), embedding_model=spec.dedup.embedding_model)
         for folder in spec.dedup.reference
@@ -308,6 +310,7 @@ def _build(
         counts=counts,
         usage=usage,
         resumed=resumed,
+        corrupt_shards=sum(len(g.corrupt_shards) for g in generations),
     )
     write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
     hub = spec.publish.hub

@@ -1,14 +1,27 @@
-"""Writing run files: strict JSON values and atomic text writes."""
+"""Writing run files: strict JSON values, atomic and durable writes, and parquet files that carry a checksum of their
+rows so a damaged copy is told apart from a good one when it is read back."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# Key of the parquet key-value metadata entry that holds the sha256 of the rows (see `rows_sha256`).
+ROWS_SHA256 = "polyculture.rows_sha256"
+
+
+class DamagedFile(ValueError):
+    """A file that is there but cannot be trusted: unreadable, cut short, or holding other rows than were written."""
 
 
 def jsonable(value: Any) -> Any:
@@ -28,8 +41,71 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    # Write then rename: a crash never leaves a half-written file behind.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the finished file `tmp` to `path` so that a power cut leaves either the old file or the whole new one:
+    its bytes reach the disk before the rename, and the folder entry after it."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    # Write, sync, then rename: a crash never leaves a half-written file behind.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    replace_durably(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def rows_sha256(frame: pl.DataFrame) -> str:
+    """A sha256 of a frame's column names and values, row by row, as JSON: the same for the same rows whatever the
+    parquet encoding or the polars version that wrote or read them."""
+    digest = hashlib.sha256(json.dumps(frame.columns).encode())
+    for row in frame.iter_rows():
+        digest.update(b"\n" + json.dumps(row, ensure_ascii=False, default=str).encode())
+    return digest.hexdigest()
+
+
+def write_parquet_checked(frame: pl.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` atomically and durably, with the sha256 of its rows in the file's metadata."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    frame.write_parquet(tmp, metadata={ROWS_SHA256: rows_sha256(frame)})
+    replace_durably(tmp, path)
+
+
+def read_parquet_checked(path: Path) -> pl.DataFrame:
+    """The rows of a parquet file written by `write_parquet_checked`; DamagedFile when its footer or data cannot be
+    read or its rows differ from the checksum written with them. A file without a checksum (written by earlier
+    versions) is trusted when it reads.
+
+    pyarrow reads it (polars aborts the whole process on some damaged files instead of raising), and checks it whole
+    before polars sees it: polars panics on strings that are not UTF-8, in the rows or in the metadata."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as parquet:
+            written = (parquet.metadata.metadata or {}).get(ROWS_SHA256.encode())
+            table = parquet.read()
+        table.validate(full=True)
+        frame = pl.from_arrow(table.replace_schema_metadata(None))
+    except (pa.ArrowException, OSError, ValueError, pl.exceptions.PanicException) as exc:
+        raise DamagedFile(f"not a readable parquet file ({_first_line(exc)})") from None
+    assert isinstance(frame, pl.DataFrame)
+    if written is not None and written.decode(errors="replace") != rows_sha256(frame):
+        raise DamagedFile(f"its {frame.height} rows do not match the checksum written with them")
+    return frame
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

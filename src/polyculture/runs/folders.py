@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from polyculture.runs.files import write_text_atomic
 from polyculture.spec import BuildSpec
 
 RUN_FILE = "run.json"
@@ -31,10 +32,16 @@ def new_run_id(spec: BuildSpec) -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{spec.fingerprint()[:8]}"
 
 
+def _fingerprints(spec: BuildSpec) -> set[str]:
+    """The fingerprints a run folder of this spec may hold in run.json (folders started before paths were located
+    hold the spec's paths as written)."""
+    return {spec.fingerprint(), spec.fingerprint(paths_as_written=True)}
+
+
 def unfinished_runs(dataset_root: Path, spec: BuildSpec) -> list[str]:
     """Run ids under dataset_root started from this very spec (same fingerprint) that never finished and that no live
     build holds; newest first."""
-    fingerprint = spec.fingerprint()
+    fingerprints = _fingerprints(spec)
     found: list[tuple[str, str]] = []
     if not dataset_root.is_dir():
         return []
@@ -46,7 +53,7 @@ def unfinished_runs(dataset_root: Path, spec: BuildSpec) -> list[str]:
             info = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a damaged run.json: not a run we can vouch for
-        if isinstance(info, dict) and info.get("fingerprint") == fingerprint and not _locked(run_dir):
+        if isinstance(info, dict) and info.get("fingerprint") in fingerprints and not _locked(run_dir):
             found.append((str(info.get("started", "")), run_dir.name))
     return [name for _, name in sorted(found, reverse=True)]
 
@@ -89,7 +96,7 @@ def hold_run(run_dir: Path, spec: BuildSpec) -> Iterator[bool]:
         resumed = run_file.is_file()
         if resumed:
             started_from = _fingerprint(run_file)
-            if started_from != spec.fingerprint():
+            if started_from not in _fingerprints(spec):
                 # Its shards were sampled for another spec: reusing them would publish a mix of two specs.
                 raise RunBusy(
                     f"run folder '{run_dir}' was started from a different spec (fingerprint "
@@ -97,9 +104,7 @@ def hold_run(run_dir: Path, spec: BuildSpec) -> Iterator[bool]:
                 )
         else:
             info = {"fingerprint": spec.fingerprint(), "started": datetime.now(UTC).isoformat()}
-            tmp = run_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            tmp.replace(run_file)
+            write_text_atomic(run_file, json.dumps(info, indent=2) + "\n")
         yield resumed
     finally:
         handle.close()  # releases the lock

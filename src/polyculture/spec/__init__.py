@@ -18,6 +18,7 @@ from polyculture.spec.build import (
     BuildSpec,
     attribute_names_problem,
     build_spec_json_schema,
+    set_dotted,
 )
 from polyculture.spec.model import ADAPTER_WITH_SERVER, VLLM_RESERVED_ARGS, ModelSpec
 from polyculture.spec.outputs import HUB_REPO_ID, HubSpec, PublishSpec, ReportReference, ReportSpec
@@ -69,5 +70,6 @@ __all__ = [
     "build_spec_json_schema",
     "error_lines",
     "format_validation_error",
+    "set_dotted",
     "spec_error_message",
 ]

@@ -60,9 +60,12 @@ class BuildSpec(_Strict):
     def _schedule_string(cls, value: Any) -> Any:
         return {"cron": value} if isinstance(value, str) else value  # `schedule: "0 3 * * *"` is the common case
 
-    # Attached by preflight (the spec file's folder and the record schema read from it); not part of the YAML.
+    # Attached by preflight (the spec file's folder, the record schema read from it, and where the other files the
+    # spec names were found: "model.adapter", "dedup.reference", "report.reference.path" -> absolute paths); not
+    # part of the YAML.
     _base_dir: Path = Path(".")
     _record_schema: dict[str, Any] = {}
+    _located: dict[str, str | list[str]] = {}
 
     @field_validator("name")
     @classmethod
@@ -106,11 +109,15 @@ class BuildSpec(_Strict):
         if table and sum(row.weight for row in table) <= 0:
             raise ValueError("rebalance.table: weights must not all be 0")
 
-    def attach(self, base_dir: Path, record_schema: dict[str, Any]) -> BuildSpec:
-        """A copy of this spec that knows the folder its relative paths start from and its record schema."""
+    def attach(
+        self, base_dir: Path, record_schema: dict[str, Any], located: dict[str, str | list[str]] | None = None
+    ) -> BuildSpec:
+        """A copy of this spec that knows the folder its relative paths start from, its record schema and where the
+        files it names were found (`located`: dotted keys -> absolute paths)."""
         attached = self.model_copy()
         attached._base_dir = base_dir
         attached._record_schema = record_schema
+        attached._located = dict(located or {})
         return attached
 
     @property
@@ -124,6 +131,13 @@ class BuildSpec(_Strict):
         return self._record_schema
 
     @property
+    def located_files(self) -> dict[str, str | list[str]]:
+        """Where preflight found the files the spec names besides the record schema, as absolute paths by dotted key
+        ("model.adapter", "dedup.reference", "report.reference.path"); only the keys the spec sets ({} until
+        preflight)."""
+        return dict(self._located)
+
+    @property
     def prompt_attributes(self) -> list[Attribute]:
         return [a for a in self.attributes if a.source == "prompt"]
 
@@ -135,12 +149,31 @@ class BuildSpec(_Strict):
     def extract_attributes(self) -> list[Attribute]:
         return [a for a in self.attributes if a.source == "extract"]
 
-    def fingerprint(self) -> str:
-        """Stable hash of everything that decides the output (spec and record schema; not the runner)."""
+    def fingerprint(self, *, paths_as_written: bool = False) -> str:
+        """Stable hash of everything that decides the output (spec and record schema; not the runner).
+
+        The record schema counts by its content, not by its path, and the other files the spec names by where
+        preflight found them (absolute paths): a copy of the spec that points at a copy of the schema and names the
+        same files by absolute paths (a run folder's spec.resolved.yaml) has the same fingerprint as the original.
+        `paths_as_written`: the hash of the spec with every path as written (what run folders started before paths
+        were located hold in run.json; still accepted to resume them)."""
         # The runner decides where shards run, not what they hold: a run resumes under any runner.
-        spec = self.model_dump(mode="json", by_alias=True, exclude={"runner"})
+        if paths_as_written:
+            spec = self.model_dump(mode="json", by_alias=True, exclude={"runner"})
+        else:
+            spec = self.model_dump(mode="json", by_alias=True, exclude={"runner": True, "record": {"schema_path"}})
+            for key, value in self._located.items():
+                set_dotted(spec, key, value)
         payload = json.dumps({"spec": spec, "schema": self._record_schema}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data["a"]["b"] = value for key "a.b" (the mappings on the way must exist)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
 
 
 # Pipeline columns an attribute (a column of its own in every frame) must not shadow.

@@ -16,13 +16,16 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from polyculture import progress
 from polyculture.engines.base import Conversation, Engine, SamplingParams
 from polyculture.methods.base import Method
+from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked
 from polyculture.spec import BuildSpec
 from polyculture.stages.prompts import PromptRequest, render_prompts, response_schemas
 
@@ -83,16 +86,40 @@ def plan_shards(
 
 
 def read_shard(spec: BuildSpec, shard: Shard, method: Method) -> pl.DataFrame | None:
-    """A finished shard's completions, or None when it has not been written yet."""
+    """A finished shard's completions, or None when it has not been written yet.
+
+    DamagedFile when the file cannot be trusted: its footer or data do not read, its rows differ from the checksum
+    written with them, or it lacks a column or a completion of this shard (a shard written before checksums is
+    trusted when it reads and holds every column and completion)."""
     if not shard.path.is_file():
         return None
-    return _upgrade(pl.read_parquet(shard.path), method).select(_column_order(spec))
+    frame = _upgrade(read_parquet_checked(shard.path), method)
+    expected = _empty_schema(spec)
+    wrong = [f"{name} ({frame.schema.get(name, 'missing')})" for name, dtype in expected.items()
+             if frame.schema.get(name) != dtype]  # fmt: skip
+    if wrong:
+        raise DamagedFile(f"columns missing or of another type: {', '.join(wrong)}")
+    call_ids = frame["call_id"].to_list()
+    wanted = _call_ids(shard, spec.sampling.n, method.turns)
+    if len(call_ids) != len(wanted) or set(call_ids) != wanted:
+        ours = len(set(call_ids) & wanted)
+        raise DamagedFile(f"holds {len(call_ids)} completions, {ours} of the {len(wanted)} this shard has")
+    return frame.select(list(expected))
 
 
 def write_shard(frame: pl.DataFrame, shard: Shard) -> None:
-    """Write a shard's completions atomically (a crash never leaves a half-written shard that resume would trust)."""
+    """Write a shard's completions atomically and durably, with a checksum of its rows (a crash never leaves a
+    half-written shard that resume would trust, and a shard damaged later is told apart on resume)."""
     shard.path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(frame, shard.path)
+    write_parquet_checked(frame, shard.path)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged file out of the way, beside it (`<name>.corrupt-<UTC time>`); returns its new path."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    path.replace(aside)
+    return aside
 
 
 def run_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> pl.DataFrame:
@@ -167,6 +194,7 @@ class GeneratedRound:
     completions: pl.DataFrame
     shard_runs: pl.DataFrame
     wall_seconds: float
+    corrupt_shards: tuple[Path, ...] = ()  # damaged shard files found, set aside (their new paths), generated again
 
 
 def generate_round(
@@ -181,7 +209,8 @@ def generate_round(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GeneratedRound:
     """The one shard loop: every shard of the plan, finished ones read back from shard_dir (resume after a crash),
-    the rest handed to `runner` and written as each comes back.
+    the rest handed to `runner` and written as each comes back. A shard file that cannot be trusted (see
+    `read_shard`) is set aside, reported, and generated again from its own seeds like a missing one.
 
     `on_progress(done_prompts, total_prompts)` is called once for the shards found on disk, then after each shard
     generated (all its turns).
@@ -190,7 +219,7 @@ def generate_round(
     shards = plan_shards(spec, cells, method, shard_dir, seed_key=seed_key)
     Path(shard_dir).mkdir(parents=True, exist_ok=True)
     total = sum(s.prompts for s in shards)
-    frames = {s.index: frame for s in shards if (frame := read_shard(spec, s, method)) is not None}
+    frames, corrupt = _read_shards(spec, shards, method)
     done = sum(s.prompts for s in shards if s.index in frames)
     if on_progress is not None:
         on_progress(done, total)
@@ -210,7 +239,25 @@ def generate_round(
         completions=concat_shards(spec, [frames[s.index] for s in shards]),
         shard_runs=pl.DataFrame(sorted(runs, key=lambda r: r["shard"]), schema=SHARD_RUNS_SCHEMA),
         wall_seconds=time.perf_counter() - started,
+        corrupt_shards=tuple(corrupt),
     )
+
+
+def _read_shards(spec: BuildSpec, shards: list[Shard], method: Method) -> tuple[dict[int, pl.DataFrame], list[Path]]:
+    """The shards finished on disk by index, and where the damaged ones were set aside (each one reported)."""
+    frames: dict[int, pl.DataFrame] = {}
+    corrupt: list[Path] = []
+    for shard in shards:
+        try:
+            frame = read_shard(spec, shard, method)
+        except DamagedFile as exc:
+            corrupt.append(set_aside(shard.path))
+            note = f"{shard.path}: {exc}; moved to {corrupt[-1].name}, generating it again"
+            progress.report("corrupt", len(corrupt), len(corrupt), note)
+            continue
+        if frame is not None:
+            frames[shard.index] = frame
+    return frames, corrupt
 
 
 def generate(
@@ -279,10 +326,8 @@ def _row(
     spec: BuildSpec, engine: Engine, method: Method, thread: _Thread, turn: int, turns: int, completion: Any
 ) -> dict[str, Any]:
     request = thread.request
-    call_id = f"c{request.cell_id}-p{request.prompt_index}-s{thread.sample_index}"
     return {
-        # Unique per completion: multi-turn methods name the turn.
-        "call_id": f"{call_id}-t{turn}" if turns > 1 else call_id,
+        "call_id": _call_id(request, thread.sample_index, turn, turns),
         "cell_id": request.cell_id,
         "cell_key": request.cell_key,
         **request.attributes,
@@ -300,6 +345,16 @@ def _row(
         "model": spec.model.label,
         "engine": engine.name,
     }
+
+
+def _call_id(request: PromptRequest, sample_index: int, turn: int, turns: int) -> str:
+    call_id = f"c{request.cell_id}-p{request.prompt_index}-s{sample_index}"
+    return f"{call_id}-t{turn}" if turns > 1 else call_id  # unique per completion: multi-turn methods name the turn
+
+
+def _call_ids(shard: Shard, n: int, turns: int) -> set[str]:
+    """The call ids of every completion a shard holds: n samples per prompt, each followed through every turn."""
+    return {_call_id(r, s, t, turns) for r in shard.requests for s in range(n) for t in range(turns)}
 
 
 def _empty_schema(spec: BuildSpec) -> dict[str, Any]:
@@ -328,16 +383,10 @@ def _upgrade(frame: pl.DataFrame, method: Method) -> pl.DataFrame:
     """A shard written before the turn/messages columns existed (single-turn methods only): add them."""
     if "turn" not in frame.columns:
         frame = frame.with_columns(pl.lit(0, dtype=pl.Int64).alias("turn"))
-    if "messages" not in frame.columns:
+    if "messages" not in frame.columns and {"user", "system"} <= set(frame.columns):
         messages = [
             json.dumps(method.conversation(user, system), ensure_ascii=False)
             for user, system in zip(frame["user"].to_list(), frame["system"].to_list(), strict=True)
         ]
         frame = frame.with_columns(pl.Series("messages", messages, dtype=pl.String))
     return frame
-
-
-def _write_atomic(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.write_parquet(tmp)
-    tmp.replace(path)
