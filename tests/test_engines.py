@@ -11,6 +11,7 @@ import pytest
 from polyculture.engines.base import Engine, EngineError, SamplingParams
 from polyculture.engines.factory import create_engine
 from polyculture.engines.model_files import ModelUnavailable, resolve_chat_model
+from polyculture.engines.vllm_engine import _compile_grammars_synchronously
 from polyculture.spec import ModelSpec
 
 NUMBER_SCHEMA = {
@@ -90,6 +91,17 @@ def _check_call_seed(engine: Engine) -> None:
     assert len(samples) == 1 and samples != {tuple(first)}  # another seed, other samples (3 of them at T=1)
 
 
+def _check_constrained_call_isolated(engine: Engine) -> None:
+    """A seeded constrained call gives the same samples after another call that left the same prompt in the
+    engine's prefix cache: one seeded stream serves the whole batch, so the call must not depend on what ran before."""
+    seeded = SamplingParams(temperature=1.0, max_tokens=40, n=2, seed=99)
+    batch = [ASK, NUMBER_ONLY, ASK]
+    first = [[c.text for c in row] for row in engine.generate(batch, seeded, json_schema=NUMBER_SCHEMA)]
+    engine.generate([ASK, ASK], SamplingParams(temperature=1.0, max_tokens=40, n=2, seed=7), json_schema=NUMBER_SCHEMA)
+    again = [[c.text for c in row] for row in engine.generate(batch, seeded, json_schema=NUMBER_SCHEMA)]
+    assert again == first
+
+
 def test_transformers_call_seed(tf_engine):
     _check_call_seed(tf_engine)
 
@@ -117,6 +129,9 @@ def test_vllm_engine(tf_engine):
         assert all(1 <= c.completion_tokens <= 8 for row in out for c in row)
         _check_constrained(engine)
         _check_call_seed(engine)
+        # grammars compile where the engine core steps (not in background threads): the setting must be reachable
+        assert _compile_grammars_synchronously(engine.llm)
+        _check_constrained_call_isolated(engine)
         # the two engines are independent implementations of the same quantity: bf16 vs fp32 agree closely
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         tf_scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
