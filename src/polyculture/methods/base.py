@@ -1,16 +1,22 @@
-"""The method interface and the tolerant JSON reading every parser shares."""
+"""The method interface and the tolerant JSON reading every parser shares, including the complete responses read
+from an answer cut short."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import ijson
 
 from polyculture.engines.base import Conversation
 from polyculture.methods.selection import Selection
 
 # Keys that describe a schema document rather than constrain a value; dropped when a schema is nested.
 _SCHEMA_META_KEYS = ("$schema", "$id", "title", "description", "examples")
+# Deeper nesting in a cut answer is not read back (no record nests this deep; a builder per level would be costly).
+MAX_SALVAGE_DEPTH = 256
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,9 @@ class ParsedItem:
 class ParseResult:
     items: list[ParsedItem] = field(default_factory=list)
     error: str | None = None  # the completion as a whole could not be read
+    # The JSON was cut short (e.g. at the token limit): `items` are the complete responses before the cut, salvaged;
+    # the response that was being written when it stopped is lost.
+    truncated: bool = False
 
 
 class Method(Protocol):
@@ -107,6 +116,82 @@ def load_json_object(text: str) -> tuple[Any, str | None]:
         return None, first_error
     except RecursionError:
         return None, "invalid JSON: nested too deeply"
+
+
+def read_responses(text: str) -> tuple[list[Any] | None, bool, str | None]:
+    """The responses of a list answer: (responses, truncated, None), or (None, False, reason).
+
+    JSON cut short yields the complete responses before the cut (truncated True) when there is at least one."""
+    value, error = load_json_object(text)
+    if error is None:
+        responses, error = responses_list(value)
+        return responses, False, error
+    salvaged = cut_responses(text)
+    return (salvaged, True, None) if salvaged else (None, False, error)
+
+
+def cut_responses(text: str) -> list[Any]:
+    """The complete items of the responses list (under the root object's "responses" key, or the root list) of JSON
+    cut short, in order. [] when the text is complete JSON, is malformed before its end, or holds no complete item.
+
+    ijson reads the text as a stream of parse events: a syntax error raises while the text is read, a cut only when
+    the parser is closed, so only a valid JSON prefix is salvaged. A value still open at the cut yields no event
+    (a number waits for the character after it), so an item that is itself cut is dropped."""
+    stripped = text.strip()
+    start = min((i for i in (stripped.find("{"), stripped.find("[")) if i >= 0), default=-1)
+    if start < 0:
+        return []
+    events = ijson.sendable_list()
+    parser = ijson.basic_parse_coro(events, use_float=True)
+    try:
+        parser.send(stripped[start:].encode("utf-8"))
+    except (ijson.JSONError, UnicodeError):
+        return []
+    before_cut = len(events)  # closing flushes a number still open at the cut; it may have gone on
+    try:
+        parser.close()
+    except ijson.IncompleteJSONError:
+        return _list_items(iter(events[:before_cut]))
+    except ijson.JSONError:
+        return []
+    return []  # complete JSON: nothing was cut
+
+
+def _list_items(events: Iterator[tuple[str, Any]]) -> list[Any]:
+    """The complete items of the responses list, from the parse events of a JSON prefix."""
+    event, _ = next(events, ("", None))
+    if event == "start_map":
+        depth = 1
+        for event, value in events:
+            if depth == 1 and event == "map_key" and value == "responses":
+                event, _ = next(events, ("", None))
+                return _array_items(events) if event == "start_array" else []
+            depth += _depth_change(event)
+            if depth > MAX_SALVAGE_DEPTH:
+                return []
+        return []
+    return _array_items(events) if event == "start_array" else []
+
+
+def _array_items(events: Iterator[tuple[str, Any]]) -> list[Any]:
+    """Each value completed inside the array just opened, until it closes or the events end (the cut)."""
+    items: list[Any] = []
+    builder, depth = ijson.ObjectBuilder(), 0
+    for event, value in events:
+        if depth == 0 and event == "end_array":
+            break
+        builder.event(event, value)
+        depth += _depth_change(event)
+        if depth > MAX_SALVAGE_DEPTH:
+            break
+        if depth == 0:
+            items.append(builder.value)
+            builder = ijson.ObjectBuilder()
+    return items
+
+
+def _depth_change(event: str) -> int:
+    return 1 if event in ("start_map", "start_array") else -1 if event in ("end_map", "end_array") else 0
 
 
 def responses_list(value: Any) -> tuple[list[Any] | None, str | None]:

@@ -10,9 +10,8 @@ from polyculture.methods.base import (
     ParsedItem,
     ParseResult,
     SingleTurn,
-    load_json_object,
     nested_schema,
-    responses_list,
+    read_responses,
 )
 
 
@@ -51,10 +50,7 @@ class SequenceMethod(SingleTurn):
         }
 
     def parse(self, text: str) -> ParseResult:
-        value, error = load_json_object(text)
-        if error is not None:
-            return ParseResult(error=error)
-        responses, error = responses_list(value)
+        responses, truncated, error = read_responses(text)
         if responses is None:
             return ParseResult(error=error)
         return ParseResult(
@@ -63,5 +59,6 @@ class SequenceMethod(SingleTurn):
                 if isinstance(r, dict)
                 else ParsedItem(fields=None, error=f"response is a {type(r).__name__}, not an object")
                 for r in responses
-            ]
+            ],
+            truncated=truncated,
         )

@@ -27,4 +27,5 @@ class VSCoT(VSStandard):
             "additionalProperties": False,
         }
 
-    # parse: VS-Standard's; the reasoning is ignored (a bare list of responses is accepted too).
+    # parse: VS-Standard's; the reasoning is ignored (a bare list of responses is accepted too). An answer cut short
+    # yields the responses completed before the cut, so none while the reasoning written first is still open.

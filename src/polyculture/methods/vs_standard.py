@@ -16,9 +16,8 @@ from polyculture.methods.base import (
     ParsedItem,
     ParseResult,
     SingleTurn,
-    load_json_object,
     nested_schema,
-    responses_list,
+    read_responses,
 )
 from polyculture.methods.selection import Selection
 
@@ -108,14 +107,11 @@ def responses_schema(item_schema: dict[str, Any], min_items: int, max_items: int
 
 
 def parse_vs_responses(text: str, probability_definition: str = "explicit") -> ParseResult:
-    value, error = load_json_object(text)
-    if error is not None:
-        return ParseResult(error=error)
-    responses, error = responses_list(value)
+    responses, truncated, error = read_responses(text)
     if responses is None:
         return ParseResult(error=error)
     scale = probability_scale(probability_definition)
-    return ParseResult(items=[parse_vs_item(r, scale) for r in responses])
+    return ParseResult(items=[parse_vs_item(r, scale) for r in responses], truncated=truncated)
 
 
 class VSStandard(SingleTurn):

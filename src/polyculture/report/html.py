@@ -41,7 +41,7 @@ def render_html(report: Report, out_dir: Path) -> str:
             "similarity": _data_uri(out_dir, report.figures.similarity),
             "embedding_map": _data_uri(out_dir, report.figures.embedding_map),
         },
-        counts=_funnel(report.counts),
+        counts=_funnel(report.funnel()),
         pool_label="after dedup" if report.diversity.after_dedup else "before rebalancing",
         has_calibration=any(figures.calibration for _, _, figures in stages),
     )

@@ -19,6 +19,9 @@ from polyculture.report.values import OMIT_NONE, Model
 
 # (key, label) of the measured stages, in pipeline order.
 STAGES: tuple[tuple[str, str], ...] = (("before", "validated"), ("after_dedup", "after dedup"), ("after", "final"))
+# Keys of `Report.counts` that count a part of a stage rather than the records after one (shown beside the funnel):
+# salvaged = valid records read from answers cut short.
+SIDE_COUNTS = ("salvaged",)
 # (key, label, decimals) of the per-stage diversity table, in report.md and report.html.
 DIVERSITY_ROWS: tuple[tuple[str, str, int], ...] = (
     ("rows", "records", 0),
@@ -349,7 +352,7 @@ class Report(Model):
     spec_fingerprint: str
     generation: Generation
     headline: Headline
-    counts: dict[str, int]  # records after each stage, in pipeline order
+    counts: dict[str, int]  # records after each stage, in pipeline order, then the SIDE_COUNTS
     diversity: Diversity
     sample: Sample
     attributes: dict[str, AttributeFigures]
@@ -360,6 +363,15 @@ class Report(Model):
     usage: dict[str, float | int | None]
     plots: dict[str, str]  # attribute name -> its bar chart
     figures: Figures
+
+    def funnel(self) -> dict[str, int]:
+        """The counts of records after each stage, without the side counts."""
+        return {stage: n for stage, n in self.counts.items() if stage not in SIDE_COUNTS}
+
+    @property
+    def salvaged(self) -> int:
+        """Valid records read from answers cut short (0 in a report written before they were counted)."""
+        return self.counts.get("salvaged", 0)
 
     def to_json(self) -> str:
         """report.json's text: strict JSON (no NaN), indented, one trailing newline."""

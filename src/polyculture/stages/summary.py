@@ -14,7 +14,7 @@ from polyculture.spec import BuildSpec, RebalanceSpec
 from polyculture.stages.dedup import DedupResult
 from polyculture.stages.extract import ExtractResult
 from polyculture.stages.rebalance import RebalanceResult
-from polyculture.stages.validate import ValidationResult
+from polyculture.stages.validate import ValidationResult, salvaged_records
 
 EXACT_DUPLICATE_REASONS = ("exact_duplicate", "exact_in_reference")
 
@@ -75,7 +75,8 @@ def stop_reason(settings: RebalanceSpec, short: bool, budget_stop: str | None = 
 
 
 def build_counts(spec: BuildSpec, plans: Sequence[pl.DataFrame], pool: Pool) -> dict[str, int]:
-    """Records after each stage, from the prompts sent to the records published."""
+    """Records after each stage, from the prompts sent to the records published; then `salvaged`: the valid records
+    read from answers cut short (a part of `valid`, not a stage)."""
     records = pool.validated.records
     rejects = pool.validated.rejects
     exact_dups = pool.deduped.rejects.filter(pl.col("reason").is_in(EXACT_DUPLICATE_REASONS)).height
@@ -89,6 +90,7 @@ def build_counts(spec: BuildSpec, plans: Sequence[pl.DataFrame], pool: Pool) -> 
         "after_semantic_dedup": pool.deduped.kept.height,
         **({"after_extract": pool.extracted.records.height} if spec.extract_attributes else {}),
         "final": pool.balanced.kept.height,
+        "salvaged": salvaged_records(pool.validated),
     }
 
 

@@ -4,6 +4,11 @@ apply the method's selection (VS: keep all, sample one by verbalized weight, or 
 Every completion is an answer of its own (each turn of a multi-turn method too). Nothing the model writes raises
 here: each failure becomes a row in `rejects` with a reason, and so does every record that selection drops (stage
 "select"), so all candidates are counted.
+
+An answer cut short (JSON that stops mid-way, e.g. at the token limit) keeps the responses completed before the cut
+(list methods: sequence and the VS methods); they go through the schema check and selection like any other. The lost
+remainder is still a reject row of the answer (stage "parse", record_id null, the detail saying how many responses
+were salvaged), so the answer is counted among those that failed to parse; `salvaged_records` counts what was kept.
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ def validate(completions: pl.DataFrame, spec: BuildSpec, method: Method) -> Vali
     for row in completions.iter_rows(named=True):
         call_id = row["call_id"]
         parsed = method.parse(row["completion"] or "")
+        reason = "truncated" if row["finish_reason"] == "length" else "unparseable"  # of an answer-level reject
         if parsed.error is not None:
-            reason = "truncated" if row["finish_reason"] == "length" else "unparseable"
             rejects.append(reject(None, call_id, "parse", reason, f"{parsed.error}: {clip(row['completion'], 200)}"))
             continue
+        if parsed.truncated:
+            n = len(parsed.items)
+            detail = f"JSON cut short after {n} complete response{'' if n == 1 else 's'} (salvaged); lost: "
+            rejects.append(reject(None, call_id, "parse", reason, detail + _tail(row["completion"], 120)))
         candidates: list[dict[str, Any]] = []
         for item_index, item in enumerate(parsed.items):
             record_id = f"{call_id}-{item_index}"
@@ -100,6 +109,17 @@ def validate(completions: pl.DataFrame, spec: BuildSpec, method: Method) -> Vali
         records=pl.DataFrame(records, schema=records_schema(spec)),
         rejects=rejects_frame(rejects),
     )
+
+
+def salvaged_records(result: ValidationResult) -> int:
+    """Records kept from answers cut short: records whose answer also has an answer-level parse reject (only a
+    salvaged answer has both)."""
+    answer_rejects = result.rejects.filter((pl.col("stage") == "parse") & pl.col("record_id").is_null())
+    return result.records.filter(pl.col("call_id").is_in(answer_rejects["call_id"].to_list())).height
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def _clean(fields: dict[str, Any]) -> dict[str, Any]:
