@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from polyculture.spec import BuildSpec, RebalanceSpec
@@ -25,7 +26,7 @@ class Pool:
 
     completions: pl.DataFrame
     validated: ValidationResult
-    embeddings: Any  # np.ndarray, rows aligned with validated.records
+    embeddings: np.ndarray  # rows aligned with validated.records
     deduped: DedupResult
     extracted: ExtractResult
     balanced: RebalanceResult
