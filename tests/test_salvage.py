@@ -69,7 +69,10 @@ def test_the_item_at_the_cut_is_dropped_wherever_it_stops(cut):
 
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
-LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+# 64-bit integers: ijson's C backend refuses larger ones ("integer overflow"), so an answer holding one is not
+# salvaged (it stays the reject it was before salvage existed); test_an_integer_beyond_64_bits_is_not_salvaged.
+INT64 = st.integers(-(2**63), 2**63 - 1)
+LEAF = st.none() | st.booleans() | INT64 | st.floats(allow_nan=False, allow_infinity=False) | TEXT
 VALUE = st.recursive(LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=8)
 ITEMS = st.lists(
     st.fixed_dictionaries({"name": TEXT, "probability": st.floats(0, 1)}, optional={"extra": VALUE}),
@@ -214,3 +217,11 @@ def test_report_shows_salvaged_beside_the_funnel(tmp_path: Path):
     html = render_html(report, out_dir)
     assert "2 valid records were salvaged from answers cut short" in html
     assert "<td>salvaged</td>" not in html
+
+
+def test_an_integer_beyond_64_bits_is_not_salvaged():
+    """A known limit, pinned: the cut answer stays a reject (what it was before salvage), never a wrong record."""
+    item = {"name": "Ada", "probability": 0.5, "extra": -100000000000000000004096}
+    text = '{"responses": [' + json.dumps(item) + ', {"name": "B'
+    result = get_method("vs_standard", k=2).parse(text)
+    assert result.error is not None and not result.items and not result.truncated
