@@ -40,18 +40,25 @@ def _shards(run_dir: Path) -> dict[str, int]:
 
 def _kill_mid_generation(spec_path: Path, out: Path, run_id: str, run_dir: Path) -> dict[str, int]:
     """Start a build, SIGKILL its whole process group once 2 shards are on disk; return the shards left behind."""
-    proc = subprocess.Popen(
-        [POLYCULTURE, "build", str(spec_path), "--run-id", run_id, "--output-dir", str(out), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    log = out.parent / f"{run_id}.stderr.log"  # what the build said, for the failure message
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [POLYCULTURE, "build", str(spec_path), "--run-id", run_id, "--output-dir", str(out), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + SHARD_WAIT_SECONDS
         while len(_shards(run_dir)) < 2:
-            assert proc.poll() is None, f"the build exited ({proc.returncode}) before writing 2 shards"
+            if proc.poll() is not None:
+                said = log.read_text(errors="replace")[-4000:]
+                raise AssertionError(f"the build exited ({proc.returncode}) before writing 2 shards:\n{said}")
             assert time.monotonic() < deadline, "no 2 shards within the wait"
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the build and anything it started (Prefect's temporary server)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the build and anything it started (Prefect's temporary server)
+        except ProcessLookupError:
+            pass  # the build had already exited: the assertion above says why
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert _group_gone(proc.pid), "a process of the killed build is still running"
