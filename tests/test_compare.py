@@ -215,7 +215,8 @@ def test_method_metrics_on_hand_made_frames():
     )  # fmt: skip
     assert m["status"] == "ok" and m["tokens_used"] == 250 and m["prompt_tokens"] == 150 and m["rounds"] == 2
     assert m["counts"] == {
-        "calls": 3, "parse_failures": 1, "candidates": 7, "valid_items": 6, "valid": 5, "unique_valid": 3
+        "calls": 3, "parse_failures": 1, "candidates": 7, "valid_items": 6, "valid": 5, "unique_valid": 3,
+        "salvaged": 0,
     }  # fmt: skip
     # the item the selection dropped was valid: 6 of 7 parsed items passed the schema
     assert m["valid_rate"] == pytest.approx(6 / 7) and m["parse_failure_rate"] == pytest.approx(1 / 3)
@@ -238,6 +239,18 @@ def test_method_metrics_on_hand_made_frames():
     assert cal["total_variation"] == pytest.approx(0.5 * (abs(q7 - 0.6) + abs(q3 - 0.2) + abs(q2 - 0.2)))
     assert cal["raw_sum"]["mean"] == pytest.approx(1.0)
     assert cal["spearman"] == pytest.approx(1.5 / math.sqrt(3.0))  # q ranks 7 > 3 > 2, observed 7 > 3 = 2
+
+def test_records_salvaged_from_an_answer_cut_short_are_counted_as_salvaged_and_valid():
+    spec = load_spec(NUMBERS)
+    completions, records, rejects, embeddings = _frames(spec)
+    # the second call was cut at the token limit after its four items: one answer-level parse reject beside them
+    cut = rejects_frame([reject(None, "r0-c0-p0-s1", "parse", "truncated", "JSON cut short after 4 complete responses")])
+    m = method_metrics(
+        spec, method="vs_standard", completions=completions, records=records, rejects=pl.concat([rejects, cut]),
+        embeddings=embeddings, budget_tokens=200,
+    )  # fmt: skip
+    assert m["counts"]["salvaged"] == 3  # its three kept records (its fourth item was not selected)
+    assert m["counts"]["valid"] == 5 and m["counts"]["parse_failures"] == 2
 
 
 def test_method_metrics_without_records_and_for_direct():

@@ -7,7 +7,9 @@ Metric definitions (all over the method's VALID records unless said otherwise):
 - valid_rate: valid items / candidates, where candidates are the items parsed out of completions (valid records,
   items a VS selection did not keep, and items rejected as malformed or schema-violating) and valid items are those
   that passed the schema (kept or not by the selection). parse_failure_rate: calls whose completion could not be
-  parsed at all / calls. The figures below are over the records the method kept ("valid").
+  parsed at all / calls (an answer cut short counts here even when its complete items were salvaged);
+  salvaged: valid records read from such cut answers (already among the valid). The figures below are over the
+  records the method kept ("valid").
 - unique_valid_per_1k_tokens: valid records left after exact dedup of the normalised text (index.text.normalize_text)
   per 1,000 generated tokens.
 - semantic_diversity (metrics.semantic, VS paper: 100 x mean over pairs of 1 - clip(cos, 0, 1)), distinct_1/2
@@ -39,6 +41,7 @@ from polyculture.metrics.overlap import DEFAULT_MAX_PAIRS, mean_pairwise_rouge_l
 from polyculture.metrics.semantic import semantic_diversity
 from polyculture.runs.files import jsonable
 from polyculture.spec import BuildSpec
+from polyculture.stages.validate import ValidationResult, salvaged_records
 
 SELECT_STAGE = "select"  # validate's stage name for items a VS selection did not keep
 CALIBRATION_VALUES = 30  # per-value rows kept in the output (totals use every value)
@@ -88,6 +91,7 @@ def method_metrics(
             "valid_items": valid_items,
             "valid": records.height,
             "unique_valid": unique,
+            "salvaged": salvaged_records(ValidationResult(records=records, rejects=rejects)),
         },
         "valid_rate": valid_items / candidates if candidates else None,
         "parse_failure_rate": parse_failures / calls if calls else None,

@@ -53,6 +53,8 @@ def summary_columns(report: dict[str, Any]) -> list[Column]:
         Column("valid", "valid records", lambda r: r["counts"]["valid"], "{:,}"),
         Column("valid_rate", "valid rate", lambda r: r["valid_rate"], "{:.0%}", tags=("chart",)),
         Column("parse_failure_rate", "parse failures", lambda r: r["parse_failure_rate"], "{:.0%}"),
+        Column("salvaged", "salvaged", lambda r: r["counts"].get("salvaged", 0), "{:,}",
+               "valid records read from answers cut short"),
         Column("unique", "unique valid", lambda r: r["counts"]["unique_valid"], "{:,}"),
         Column(
             "unique_per_1k", "unique valid / 1k tok", lambda r: r["unique_valid_per_1k_tokens"], "{:.1f}", tags=("chart",)
