@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from polyculture.engines.base import EngineError
 from polyculture.spec import ExpressionCheck, FluencyCheck, PythonCheck, QualityCheck
 from polyculture.stages.quality_expression import check_expression
 from polyculture.stages.quality_python import Outcome, run_python_check
@@ -170,7 +171,8 @@ def _score(
 
 
 def fluency_outcomes(texts: list[Any], engine: Engine, *, field: str = "text") -> list[Outcome]:
-    """Each text's mean token log-prob (verdict None: the threshold decides); an empty or non-text value fails."""
+    """Each text's mean token log-prob (verdict None: the threshold decides); an empty or non-text value fails, and so
+    does a text the engine cannot score on its own (its reason kept) while others score."""
     outcomes: list[Outcome] = [(None, False, f"{field} is empty")] * len(texts)
     usable = []
     for i, text in enumerate(texts):
@@ -180,27 +182,45 @@ def fluency_outcomes(texts: list[Any], engine: Engine, *, field: str = "text") -
             outcomes[i] = (None, False, f"{field} is a {type(text).__name__}, not text")
     scores = fluency_scores([texts[i] for i in usable], engine)
     for i, score in zip(usable, scores, strict=True):
-        outcomes[i] = (score, None, None) if math.isfinite(score) else (None, False, "the model gave no finite score")
+        if isinstance(score, str):
+            outcomes[i] = (None, False, f"the model could not score it: {score[:200]}")
+        else:
+            outcomes[i] = (score, None, None) if math.isfinite(score) else (None, False, "the model gave no finite score")
     return outcomes
 
 
-def fluency_scores(texts: list[str], engine: Engine) -> list[float]:
+def fluency_scores(texts: list[str], engine: Engine) -> list[float | str]:
     """Mean per-token log-probability of each text under `engine`'s model, in calls sized by FLUENCY_BATCH_CHARS
-    (texts of similar length together, so little is padding)."""
-    cut = [t[:FLUENCY_MAX_CHARS] for t in texts]
+    (texts of similar length together, so little is padding). Texts are stripped: an answer never starts with
+    whitespace, and a leading space would merge with the chat template's last token. A call the engine refuses (its
+    EngineError: a text its chat template tokenises across the prompt's edge) is tried text by text; a text refused
+    alone gets the error's message instead of a score. Other errors (the engine broken) propagate."""
+    cut = [t.strip()[:FLUENCY_MAX_CHARS] for t in texts]
     order = sorted(range(len(cut)), key=lambda i: len(cut[i]))
-    scores = [math.nan] * len(cut)
+    scores: list[float | str] = [math.nan] * len(cut)
     start = 0
     while start < len(order):
         end = start + 1
         while end < len(order) and (end - start + 1) * len(cut[order[end]]) <= FLUENCY_BATCH_CHARS:
             end += 1
         batch = order[start:end]
-        got = engine.sequence_logprobs(FLUENCY_CONVERSATION, [cut[i] for i in batch], mean_per_token=True)
+        try:
+            got: list[float | str] = list(
+                engine.sequence_logprobs(FLUENCY_CONVERSATION, [cut[i] for i in batch], mean_per_token=True)
+            )
+        except EngineError:
+            got = [_score_alone(engine, cut[i]) for i in batch]
         for i, score in zip(batch, got, strict=True):
-            scores[i] = float(score)
+            scores[i] = score if isinstance(score, str) else float(score)
         start = end
     return scores
+
+
+def _score_alone(engine: Engine, text: str) -> float | str:
+    try:
+        return float(engine.sequence_logprobs(FLUENCY_CONVERSATION, [text], mean_per_token=True)[0])
+    except EngineError as exc:
+        return str(exc)
 
 
 def _threshold(check: QualityCheck, outcomes: list[Outcome]) -> float | None:
@@ -235,6 +255,13 @@ def _parse(raw: str | None) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def quality_checks_frame(counts: tuple[CheckCounts, ...]) -> pl.DataFrame:
+    """One row per check (CheckCounts' fields), for the run folder (quality_checks.parquet)."""
+    schema = {"name": pl.String, "kind": pl.String, "gate": pl.Boolean, "checked": pl.Int64, "passed": pl.Int64,
+              "failed": pl.Int64, "unscored": pl.Int64, "threshold": pl.Float64}  # fmt: skip
+    return pl.DataFrame([asdict(c) for c in counts], schema=schema)
 
 
 def cache_frame(known: ScoreCache) -> pl.DataFrame:
