@@ -281,6 +281,9 @@ def test_rebalance_never_keeps_a_failing_record_over_a_passing_one(embedder):
     best = rebalance(frame, vectors, RebalanceSpec(surplus="mmr", mmr_lambda=1.0), doctor, 2)
     assert best.kept["record_id"].to_list() == ["r0", "r2"]
     assert "passing every quality check first" in best.rejects["detail"][0]
+    # scores that rank nobody (a bool check all passed) leave the cut as without quality: the most probable first
+    alike = _scored(texts, [1.0] * 4, [True] * 4).with_columns(verbalized_probability=pl.Series([0.1, 0.9, 0.2, 0.3]))
+    assert rebalance(alike, vectors, RebalanceSpec(), doctor, 1).kept["record_id"].to_list() == ["r1"]
     # too few passing records: all of them, then the failing ones fill the rest
     few = _scored(texts, [-3.0, -9.0, -3.5, None], [True, False, False, False])
     kept = rebalance(few, vectors, RebalanceSpec(), doctor, 2).kept["record_id"].to_list()

@@ -9,7 +9,7 @@ When the records carry quality scores (stages.quality: `_quality_<name>` columns
 keeps a failing record over a passing one: a cut keeps records that passed every check first and takes failing ones
 (possible only with gate: false) only when the passing ones cannot fill the quota. Relevance becomes quality: MMR's
 relevance is the record's scores normalised within the cell (min-max per check, mean over the checks that scored it),
-and farthest-point starts from the best-scored record.
+and farthest-point starts from the best-scored record (where the scores tell records apart at all).
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class _Quality:
 
     def relevance(self, pool: list[int]) -> np.ndarray | None:
         """Per pool member: its scores min-max normalised within the pool, averaged over the checks that scored it
-        (0 where none did); None when no check scored anyone."""
+        (0 where none did); None when that ranks nobody above anyone (no scores, or all alike: a cut then goes as
+        without quality, by typicality or from the most probable record)."""
         block = self.scores[pool]
         usable = [c for c in range(block.shape[1]) if np.isfinite(block[:, c]).any()]
         if not usable:
@@ -194,7 +195,8 @@ class _Quality:
             normalised.append((column - low) / (high - low) if high > low else flat)
         stacked = np.column_stack(normalised)
         counted = np.isfinite(stacked).sum(axis=1)
-        return np.where(counted > 0, np.nansum(stacked, axis=1) / np.maximum(counted, 1), 0.0)
+        relevance = np.where(counted > 0, np.nansum(stacked, axis=1) / np.maximum(counted, 1), 0.0)
+        return relevance if np.ptp(relevance) > 0 else None  # all alike: quality cannot rank them
 
 
 def _choose(
