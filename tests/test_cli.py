@@ -103,3 +103,13 @@ def test_one_exit_code_table_names_real_exceptions():
     hub_errors = [push.HubError, *push.HubError.__subclasses__()]
     assert all(exit_code_for(cls("x")) == cls.exit_code for cls in hub_errors)
     assert exit_code_for(ValueError("not a failure the commands report")) is None
+
+
+def test_bad_quality_check_refused_before_any_model_time(spec_dir):
+    path = spec_dir / "quality.yaml"
+    check = {"name": "graded", "kind": "python", "function": "no_such_grader_module:grade"}
+    path.write_text(yaml.safe_dump(small_spec_dict(quality=[check])))
+    out = _run("build", str(path))
+    assert out.returncode == 2
+    assert "quality.0.function: module 'no_such_grader_module' not found" in out.stderr
+    assert "Traceback" not in out.stderr and "load model" not in out.stderr

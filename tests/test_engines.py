@@ -117,6 +117,12 @@ def test_transformers_sequence_logprobs(tf_engine):
     tf_engine._logprob_batch = 3
     assert tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS) == pytest.approx(scores, abs=1e-3)
     tf_engine._logprob_batch = 32
+    # per token: the sum divided by the count of the answer's tokens and its end-of-turn
+    texts = ["7", "Purple elephants dance at noon."]
+    sums = tf_engine.sequence_logprobs(NUMBER_ONLY, texts)
+    means = tf_engine.sequence_logprobs(NUMBER_ONLY, texts, mean_per_token=True)
+    lengths = [len(tf_engine.tokenizer(t + tf_engine.tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert means == pytest.approx([s / n for s, n in zip(sums, lengths, strict=True)], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -136,6 +142,9 @@ def test_vllm_engine(tf_engine):
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         tf_scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         assert vllm_scores == pytest.approx(tf_scores, abs=0.35)
+        sentence = ["Purple elephants dance at noon."]
+        vllm_mean = engine.sequence_logprobs(NUMBER_ONLY, sentence, mean_per_token=True)
+        assert vllm_mean == pytest.approx(tf_engine.sequence_logprobs(NUMBER_ONLY, sentence, mean_per_token=True), abs=0.1)
     finally:
         engine.close()
 

@@ -230,3 +230,70 @@ def test_every_problem_is_listed_at_once_in_field_order(spec_dir):
     # checks across sections wait for valid fields, and the record schema's come before the prompt's
     both = _refused(spec_dir, small_spec_dict(record={"schema": "nope.json"}, prompt={"template": "{{ nope }}"}))
     assert "record.schema: file 'nope.json' not found" in both and "prompt.template" not in both
+
+
+def test_quality_checks_refused_naming_the_field(spec_dir):
+    fluency = {"name": "fluent", "kind": "fluency", "threshold": -6.0}
+    assert "quality.0.kind" in _refused(spec_dir, small_spec_dict(quality=[{**fluency, "kind": "judge"}]))
+    assert "quality.0.kind: Unable to extract tag" in _refused(spec_dir, small_spec_dict(quality=[{"name": "x"}]))
+    both = _refused(spec_dir, small_spec_dict(quality=[{**fluency, "quantile": 0.2}]))
+    assert "quality.0: fluency takes exactly one of threshold" in both
+    neither = _refused(spec_dir, small_spec_dict(quality=[{"name": "fluent", "kind": "fluency"}]))
+    assert "exactly one of threshold" in neither
+    for quantile in (0, 1, 1.5):
+        out_of_range = {"name": "fluent", "kind": "fluency", "quantile": quantile}
+        assert "quality.0.quantile" in _refused(spec_dir, small_spec_dict(quality=[out_of_range]))
+    assert "quality.0.threshold" in _refused(spec_dir, small_spec_dict(quality=[{**fluency, "threshold": 2}]))
+    assert "quality.0.name" in _refused(spec_dir, small_spec_dict(quality=[{**fluency, "name": "not a name"}]))
+    assert "check names must be distinct; repeated: ['fluent']" in _refused(
+        spec_dir, small_spec_dict(quality=[fluency, fluency])
+    )
+    assert "quality.0.tolerance" in _refused(
+        spec_dir,
+        small_spec_dict(quality=[{"name": "m", "kind": "expression", "expression_field": "bio",
+                                  "value_field": "birth_year", "tolerance": -1}]),  # fmt: skip
+    )
+
+
+def test_quality_fields_and_functions_are_checked_against_the_disk(spec_dir):
+    """Preflight: fields must be record fields, a python function must import (beside the spec or on the path)."""
+    missing_field = _refused(spec_dir, small_spec_dict(quality=[{"name": "f", "kind": "fluency", "quantile": 0.2,
+                                                                 "field": "biography"}]))  # fmt: skip
+    assert "quality.0.field: 'biography' is not in the record schema's properties" in missing_field
+    expression = {"name": "m", "kind": "expression", "expression_field": "formula", "value_field": "answer"}
+    both = _refused(spec_dir, small_spec_dict(quality=[expression]))
+    assert "quality.0.expression_field: 'formula' is not" in both and "quality.0.value_field: 'answer' is not" in both
+    bad_path = _refused(spec_dir, small_spec_dict(quality=[{"name": "p", "kind": "python", "function": "checks.py"}]))
+    assert "quality.0.function: must read 'package.module:function'" in bad_path
+    python = {"name": "p", "kind": "python", "function": "no_such_module_for_quality:check"}
+    assert "quality.0.function: module 'no_such_module_for_quality' not found" in _refused(
+        spec_dir, small_spec_dict(quality=[python])
+    )
+    (spec_dir / "quality_checks_beside_spec.py").write_text("def check(record):\n    return True\nLIMIT = 3\n")
+    beside = {"name": "p", "kind": "python", "function": "quality_checks_beside_spec:check"}
+    assert parse_spec(small_spec_dict(quality=[beside]), spec_dir).quality[0].function_name == "check"
+    absent = _refused(spec_dir, small_spec_dict(quality=[{**beside, "function": "quality_checks_beside_spec:nope"}]))
+    assert "quality.0.function: module 'quality_checks_beside_spec' has no 'nope'" in absent
+    not_callable = _refused(spec_dir, small_spec_dict(quality=[{**beside, "function": "quality_checks_beside_spec:LIMIT"}]))
+    assert "quality.0.function: 'quality_checks_beside_spec:LIMIT' is a int, not a function" in not_callable
+    # a score column may not shadow a record field, nor an attribute the _quality prefix
+    (spec_dir / "shadow.schema.json").write_text(json.dumps(
+        {"type": "object", "properties": {"bio": {"type": "string"}, "occupation": {"type": "string"},
+                                          "_quality_fluent": {"type": "number"}}}))  # fmt: skip
+    shadow = small_spec_dict(record={"schema": "shadow.schema.json"}, quality=[{"name": "fluent", "kind": "fluency",
+                                                                                 "quantile": 0.2}])  # fmt: skip
+    assert "quality.0.name: the score column '_quality_fluent' is also a record field" in _refused(spec_dir, shadow)
+
+
+def test_fluency_needs_an_engine_that_scores_and_no_quality_keeps_the_fingerprint(spec_dir):
+    from polyculture.spec import BuildSpec
+
+    served = {"name": "served-model", "engine": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    data = small_spec_dict(model=served, quality=[{"name": "f", "kind": "fluency", "quantile": 0.2}])
+    with pytest.raises(Exception, match=r"quality\.0\.kind: fluency scores log-probabilities"):
+        BuildSpec.model_validate(data)
+    # an empty section is left out of the hash, as before the section existed (runs started then still resume)
+    plain = parse_spec(small_spec_dict(), spec_dir)
+    assert plain.fingerprint() == parse_spec(small_spec_dict(quality=[]), spec_dir).fingerprint()
+    with_check = parse_spec(small_spec_dict(quality=[{"name": "f", "kind": "fluency", "quantile": 0.2}]), spec_dir)
+    assert with_check.fingerprint() != plain.fingerprint()

@@ -3,9 +3,10 @@
 `parse_spec` and `load_spec` validate a mapping into a `BuildSpec` (pure configuration, `polyculture.spec`) and then
 preflight it: the record schema file is read and the attributes and text field are checked against it; model.name and
 dedup.embedding_model must name a model this machine can load; model.adapter and the dedup.reference folders must
-exist. Problems read like the spec's own validation errors (SpecError, the field named, all fields at once). The spec
-comes back with what was found attached: `spec.base_dir` (the spec file's folder), `spec.record_schema` and
-`spec.located_files` (the adapter, reference indexes and report reference as absolute paths).
+exist; the quality checks' fields must be record fields and a python check's function must import. Problems read
+like the spec's own validation errors (SpecError, the field named, all fields at once). The spec comes back with what
+was found attached: `spec.base_dir` (the spec file's folder), `spec.record_schema` and `spec.located_files` (the
+adapter, reference indexes and report reference as absolute paths).
 
 `check_models` goes further, for commands about to do long work: it resolves both models to local weights and checks
 that the dedup index can run here, so a missing model fails in seconds, not after minutes of generation.
@@ -33,13 +34,18 @@ from polyculture.spec import (
     Attribute,
     BuildSpec,
     DedupSpec,
+    ExpressionCheck,
+    FluencyCheck,
     ModelSpec,
+    PythonCheck,
+    QualityCheck,
     RecordSpec,
     SpecError,
     attribute_names_problem,
     error_lines,
     spec_error_message,
 )
+from polyculture.user_functions import FunctionUnavailable, load_function
 
 # A problem as a validation error reports it: (location in the spec, message); () is the spec as a whole.
 Problem = tuple[tuple[str | int, ...], str]
@@ -83,7 +89,36 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
         schema = _record_schema(spec.record, spec.attributes, base)
     except ValueError as exc:
         raise SpecError(spec_error_message([((), str(exc))])) from None
+    problems = quality_problems(spec.quality, schema, base)
+    if problems:
+        raise SpecError(spec_error_message(problems))
     return spec.attach(base, schema, _located_files(spec, base))
+
+
+def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_dir: Path) -> list[Problem]:
+    """Each quality check's fields must be in the record schema, its score column must not shadow a record field, and
+    a python check's function must import (its module beside the spec or on the path)."""
+    props = schema.get("properties", {})
+    problems: list[Problem] = []
+    for i, check in enumerate(checks):
+        if check.score_column in props:
+            problems.append(
+                (("quality", i, "name"), f"the score column '{check.score_column}' is also a record field")
+            )
+        fields = {"field": check.field} if isinstance(check, FluencyCheck) else {}
+        if isinstance(check, ExpressionCheck):
+            fields = {"expression_field": check.expression_field, "value_field": check.value_field}
+        for key, name in fields.items():
+            if name is not None and name not in props:
+                problems.append(
+                    (("quality", i, key), f"'{name}' is not in the record schema's properties {sorted(props)}")
+                )
+        if isinstance(check, PythonCheck):
+            try:
+                load_function(check.function, base_dir)
+            except FunctionUnavailable as exc:
+                problems.append((("quality", i, "function"), str(exc)))
+    return problems
 
 
 def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]]:

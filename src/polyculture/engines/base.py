@@ -44,8 +44,11 @@ class Engine(Protocol):
         """n completions for each conversation, in order. With a JSON Schema, output is constrained to it."""
         ...
 
-    def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
-        """log p(continuation + end-of-turn | conversation) for each whole continuation."""
+    def sequence_logprobs(
+        self, conversation: Conversation, continuations: list[str], *, mean_per_token: bool = False
+    ) -> list[float]:
+        """log p(continuation + end-of-turn | conversation) for each whole continuation; with `mean_per_token`, that
+        sum divided by its token count (end-of-turn included): a score that does not fall with length."""
         ...
 
     def close(self) -> None: ...

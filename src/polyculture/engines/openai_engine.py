@@ -259,7 +259,9 @@ class OpenAIEngine:
             return []
         return self._run_on_loop(self._generate_all(conversations, params, json_schema))
 
-    def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
+    def sequence_logprobs(
+        self, conversation: Conversation, continuations: list[str], *, mean_per_token: bool = False
+    ) -> list[float]:
         raise EngineError(
             "sequence log-probabilities need the transformers or vllm engine: an OpenAI-compatible chat server does "
             "not score given continuations"

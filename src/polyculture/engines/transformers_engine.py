@@ -171,7 +171,9 @@ class TransformersEngine:
             results.append(row)
         return results
 
-    def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
+    def sequence_logprobs(
+        self, conversation: Conversation, continuations: list[str], *, mean_per_token: bool = False
+    ) -> list[float]:
         try:
             tokens = answer_tokens(self.tokenizer, conversation, continuations)
         except TokenizationMismatch as exc:
@@ -182,7 +184,10 @@ class TransformersEngine:
             # The prompt runs once per chunk and its cache is shared by the chunk's answers (answer_logprobs).
             for start in range(0, len(tokens.answer_ids), self._logprob_batch):
                 chunk = AnswerTokens(tokens.prompt_ids, tokens.answer_ids[start : start + self._logprob_batch])
-                scores.extend(answer_logprobs(self.model, chunk, pad).tolist())
+                sums = answer_logprobs(self.model, chunk, pad).tolist()
+                if mean_per_token:
+                    sums = [total / len(ids) for total, ids in zip(sums, chunk.answer_ids, strict=True)]
+                scores.extend(sums)
         return scores
 
     def close(self) -> None:

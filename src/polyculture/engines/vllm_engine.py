@@ -208,8 +208,11 @@ class VLLMEngine:
         """
         self.llm.reset_prefix_cache()
 
-    def sequence_logprobs(self, conversation: Conversation, continuations: list[str]) -> list[float]:
-        """Prompt log-probs of [chat prompt + continuation + end-of-turn]; the sum over the continuation's tokens."""
+    def sequence_logprobs(
+        self, conversation: Conversation, continuations: list[str], *, mean_per_token: bool = False
+    ) -> list[float]:
+        """Prompt log-probs of [chat prompt + continuation + end-of-turn]; the sum over the continuation's tokens (or
+        its mean per token)."""
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -227,7 +230,8 @@ class VLLMEngine:
         )
         scores = []
         for ids, out in zip(sequences, outputs, strict=True):
-            scores.append(sum(out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(prompt_len, len(ids))))
+            total = sum(out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(prompt_len, len(ids)))
+            scores.append(total / (len(ids) - prompt_len) if mean_per_token else total)
         return scores
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""build_dataset: plan -> generate -> validate -> embed -> dedup -> extract -> rebalance (-> top-up rounds) -> report
--> publish, as Prefect tasks.
+"""build_dataset: plan -> generate -> validate -> embed -> dedup -> quality -> extract -> rebalance (-> top-up rounds)
+-> report -> publish, as Prefect tasks.
 
 The flow only wires stages and writes each stage's output into the run folder; the stages hold the logic and
 `stages.summary` the bookkeeping. Generation shards already in the run folder are reused, so a re-run resumes.
@@ -33,7 +33,7 @@ from polyculture.report.card import render_card
 from polyculture.report.model import Round
 from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
-from polyculture.runs.files import write_text_atomic
+from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked, write_text_atomic
 from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, RunnerSpec
@@ -42,6 +42,14 @@ from polyculture.stages.extract import ExtractResult, extract_attributes
 from polyculture.stages.generate import GeneratedRound, generate_round
 from polyculture.stages.plan import plan
 from polyculture.stages.publish import dataset_folder_name, publish_local, record_fields
+from polyculture.stages.quality import (
+    QualityResult,
+    ScoreCache,
+    cache_frame,
+    cache_from_frame,
+    quality,
+    quality_checks_frame,
+)
 from polyculture.stages.rebalance import RebalanceResult, rebalance
 from polyculture.stages.summary import (
     Pool,
@@ -58,6 +66,8 @@ from polyculture.stages.validate import ValidationResult, validate
 
 # Extracted labels by (attribute, record id) -> (label, reject reason): later rounds only read new records.
 ExtractedLabels = dict[tuple[str, str], tuple[str | None, str | None]]
+# Quality scores by (check, record id), kept in the run folder: later rounds and a resumed run score new records only.
+QUALITY_SCORES_FILE = "quality_scores.parquet"
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,13 @@ def dedup_task(
     return dedup(records, embeddings, spec.dedup, references)
 
 
+@task(name="quality", cache_policy=NONE)
+def quality_task(
+    spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, engine: Engine | None, known: ScoreCache
+) -> QualityResult:
+    return quality(records, embeddings, spec.quality, engine=engine, base_dir=spec.base_dir, known=known)
+
+
 @task(name="extract", cache_policy=NONE)
 def extract_task(
     spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, engine: Engine | None, known: ExtractedLabels
@@ -127,21 +144,40 @@ def _process(
     engine: Engine | None,
     references: list[ReleaseIndex],
     known: ExtractedLabels,
+    scores: ScoreCache,
 ) -> Pool:
-    """One pass over everything generated so far: validate -> embed -> dedup -> extract -> rebalance."""
+    """One pass over everything generated so far: validate -> embed -> dedup -> quality -> extract -> rebalance."""
     validated = validate_task(spec, completions)
     records = validated.records
     progress.report("validate", 1, 1, f"{records.height} valid, {validated.rejects.height} rejected")
     embeddings = embed_task(spec, records["text"].to_list())
     deduped = dedup_task(spec, records, embeddings, references)
     progress.report("dedup", 1, 1, f"{deduped.kept.height} unique of {records.height}")
-    extracted = extract_task(spec, deduped.kept, deduped.kept_embeddings, engine, known)
+    checked = quality_task(spec, deduped.kept, deduped.kept_embeddings, engine, scores)
+    if spec.quality:
+        progress.report("quality", 1, 1, f"{checked.records.height} passed of {deduped.kept.height}")
+    extracted = extract_task(spec, checked.records, checked.embeddings, engine, known)
     balanced = rebalance_task(spec, extracted.records, extracted.embeddings)
-    pool = Pool(completions, validated, embeddings, deduped, extracted, balanced)
+    pool = Pool(completions, validated, embeddings, deduped, extracted, balanced, checked)
     progress.report(
         "rebalance", 1, 1, f"{balanced.kept.height} of target {spec.target_size}, {pool.short_records} short"
     )
     return pool
+
+
+def _read_scores(path: Path) -> ScoreCache:
+    """The quality scores a run folder kept (a resumed run); none when absent or damaged (they are computed again)."""
+    if not path.is_file():
+        return {}
+    try:
+        return cache_from_frame(read_parquet_checked(path))
+    except DamagedFile:
+        return {}
+
+
+def _write_scores(spec: BuildSpec, path: Path, scores: ScoreCache) -> None:
+    if spec.quality:
+        write_parquet_checked(cache_frame(scores), path)
 
 
 def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: Pool) -> RoundStats:
@@ -211,14 +247,17 @@ def _build(
     report_reference = load_report_reference(spec)
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
-    # The engine extractor reads records with the build's chat model, here in the build's process.
+    # The engine extractor and the fluency check read records with the build's chat model, here in the build's process.
     reads_with_engine = any(a.extractor is not None and a.extractor.method == "engine" for a in spec.extract_attributes)
-    engine = shared_engine(spec)[0].engine if reads_with_engine else None
+    scores_with_engine = any(check.kind == "fluency" for check in spec.quality)
+    engine = shared_engine(spec)[0].engine if reads_with_engine or scores_with_engine else None
     known: ExtractedLabels = {}
+    scores = _read_scores(run_dir / QUALITY_SCORES_FILE)
     plans = [cells]
     generated = _generate(spec, cells, task_runner, run_dir / "generate", "generate", 0)
     generations = [generated]
-    pool = _process(spec, generated.completions, engine, references, known)
+    pool = _process(spec, generated.completions, engine, references, known, scores)
+    _write_scores(spec, run_dir / QUALITY_SCORES_FILE, scores)
     rounds = [round_row(0, cells, pool.completions, pool)]
     budget_stop: str | None = None
     for round_no in range(1, spec.rebalance.top_up_rounds + 1):
@@ -242,7 +281,8 @@ def _build(
         generated = _generate(spec, top_up, task_runner, shard_dir, label, round_no)
         generations.append(generated)
         completions = pl.concat([pool.completions, generated.completions])
-        pool = _process(spec, completions, engine, references, known)
+        pool = _process(spec, completions, engine, references, known, scores)
+        _write_scores(spec, run_dir / QUALITY_SCORES_FILE, scores)
         rounds.append(round_row(round_no, top_up, generated.completions, pool))
     stopped = stop_reason(spec.rebalance, bool(pool.balanced.shortfalls()), budget_stop)
 
@@ -255,6 +295,8 @@ def _build(
     records.write_parquet(run_dir / "validated.parquet")
     rejects = all_rejects(pool)
     rejects.write_parquet(run_dir / "rejects.parquet")
+    if pool.quality is not None and spec.quality:  # per check: counts and the threshold of the last pass
+        quality_checks_frame(pool.quality.counts).write_parquet(run_dir / "quality_checks.parquet")
     counts = build_counts(spec, plans, pool)
     # One row per shard generated by this invocation (a resumed run lists only what it generated).
     shard_runs = pl.concat([g.shard_runs for g in generations], how="vertical")

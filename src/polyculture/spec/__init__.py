@@ -6,8 +6,8 @@ Every model refuses unknown keys, so a typo is an error naming the field, never 
 `schemas/build-spec.schema.json` is generated from `BuildSpec` (see `build_spec_json_schema`); a test keeps them in sync.
 
 Modules: `base` (SpecError, error formatting), `sections` (prompt, record, attributes, method, sampling, generation,
-dedup, rebalance), `model` (model and engine), `outputs` (publish, Hub, report), `scheduling` (runner, schedule),
-`build` (BuildSpec and the checks across sections).
+dedup, rebalance), `quality` (the checks: fluency, expression, python), `model` (model and engine), `outputs`
+(publish, Hub, report), `scheduling` (runner, schedule), `build` (BuildSpec and the checks across sections).
 """
 
 from polyculture.spec.base import SpecError, error_lines, format_validation_error, spec_error_message
@@ -22,6 +22,13 @@ from polyculture.spec.build import (
 )
 from polyculture.spec.model import ADAPTER_WITH_SERVER, VLLM_RESERVED_ARGS, ModelSpec
 from polyculture.spec.outputs import HUB_REPO_ID, HubSpec, PublishSpec, ReportReference, ReportSpec
+from polyculture.spec.quality import (
+    SCORE_PREFIX,
+    ExpressionCheck,
+    FluencyCheck,
+    PythonCheck,
+    QualityCheck,
+)
 from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
 from polyculture.spec.sections import (
     Attribute,
@@ -43,13 +50,16 @@ __all__ = [
     "DATASET_NAME",
     "HUB_REPO_ID",
     "RESERVED_COLUMNS",
+    "SCORE_PREFIX",
     "TEMPLATE_BUILTINS",
     "VLLM_RESERVED_ARGS",
     "Attribute",
     "BuildSpec",
     "CellWeight",
     "DedupSpec",
+    "ExpressionCheck",
     "ExtractorSpec",
+    "FluencyCheck",
     "GenerationSpec",
     "HubSpec",
     "MethodName",
@@ -58,6 +68,8 @@ __all__ = [
     "ProbabilityDefinition",
     "PromptSpec",
     "PublishSpec",
+    "PythonCheck",
+    "QualityCheck",
     "RebalanceSpec",
     "RecordSpec",
     "ReportReference",

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from polyculture.spec.base import _Strict
 from polyculture.spec.model import ModelSpec
 from polyculture.spec.outputs import PublishSpec, ReportSpec
+from polyculture.spec.quality import SCORE_PREFIX, QualityCheck, quality_names_problem
 from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
 from polyculture.spec.sections import (
     Attribute,
@@ -48,6 +49,11 @@ class BuildSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     generation: GenerationSpec = GenerationSpec()
     dedup: DedupSpec = DedupSpec()
+    quality: list[QualityCheck] = Field(
+        default_factory=list,
+        description="Checks run after dedup on every round's records: a record failing a gated check is a reject and "
+        "never counts toward a quota; scores are published as _quality_<name> columns.",
+    )
     rebalance: RebalanceSpec = RebalanceSpec()
     seed: int = Field(default=0, ge=0)
     publish: PublishSpec = PublishSpec()
@@ -88,7 +94,22 @@ class BuildSpec(_Strict):
                 f"{names} and {sorted(TEMPLATE_BUILTINS)}"
             )
         self._check_table()
+        self._check_quality()
         return self
+
+    def _check_quality(self) -> None:
+        problem = quality_names_problem(self.quality)
+        if problem is not None:
+            raise ValueError(problem)
+        for i, check in enumerate(self.quality):
+            if check.kind == "fluency" and self.model.engine == "openai":
+                raise ValueError(
+                    f"quality.{i}.kind: fluency scores log-probabilities with the build's model, which an "
+                    "OpenAI-compatible server does not give; use model.engine transformers or vllm"
+                )
+        shadowed = sorted(a.name for a in self.attributes if a.name.startswith(SCORE_PREFIX.rstrip("_")))
+        if shadowed and self.quality:
+            raise ValueError(f"attributes: {shadowed} start with '_quality', the prefix of the quality score columns")
 
     def _check_table(self) -> None:
         table = self.rebalance.table or []
@@ -158,10 +179,14 @@ class BuildSpec(_Strict):
         `paths_as_written`: the hash of the spec with every path as written (what run folders started before paths
         were located hold in run.json; still accepted to resume them)."""
         # The runner decides where shards run, not what they hold: a run resumes under any runner.
+        # No quality section hashes as before the section existed: runs started then still resume.
+        unset = {"quality": True} if not self.quality else {}
         if paths_as_written:
-            spec = self.model_dump(mode="json", by_alias=True, exclude={"runner"})
+            spec = self.model_dump(mode="json", by_alias=True, exclude={"runner": True, **unset})
         else:
-            spec = self.model_dump(mode="json", by_alias=True, exclude={"runner": True, "record": {"schema_path"}})
+            spec = self.model_dump(
+                mode="json", by_alias=True, exclude={"runner": True, "record": {"schema_path"}, **unset}
+            )
             for key, value in self._located.items():
                 set_dotted(spec, key, value)
         payload = json.dumps({"spec": spec, "schema": self._record_schema}, sort_keys=True)

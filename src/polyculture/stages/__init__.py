@@ -4,9 +4,10 @@ The contract: a stage takes the frames it works on first (completions, records, 
 (its own spec section where one section configures it, e.g. `dedup(records, embeddings, spec.dedup, references)`,
 `rebalance(records, embeddings, spec.rebalance, spec.attributes, spec.target_size)`; the BuildSpec where it reads
 several sections: plan, validate, extract, generate, publish), then its collaborators (engine, method), and returns
-a frozen result dataclass (ValidationResult, DedupResult, ExtractResult, RebalanceResult, GeneratedRound). Sections
-arrive validated: stages check the data they are given, never the settings again. `summary` holds the build's
-bookkeeping over those results (counts, usage, stop reason). Stages never import Prefect, flows or the report.
+a frozen result dataclass (ValidationResult, DedupResult, QualityResult, ExtractResult, RebalanceResult,
+GeneratedRound). Sections arrive validated: stages check the data they are given, never the settings again.
+`summary` holds the build's bookkeeping over those results (counts, usage, stop reason). Stages never import Prefect,
+flows or the report.
 
 Frames passed between stages (column: dtype):
 
@@ -29,9 +30,13 @@ records (validate)   record_id: str (call_id + "-" + item_index), call_id: str, 
                      one str column per attribute (prompt attributes: set by the pipeline; field attributes: read
                      from the record, null when absent). Each completion (each turn) is its own answer; the
                      method's selection (all | sample | threshold) runs per answer over its schema-valid records.
+quality columns      after the quality stage (only when spec.quality has checks): `_quality_<name>`: f64|null per
+                     check (its score; null where the record could not be scored) and `_quality`: bool (passed
+                     every check, gated or not); rebalance reads them, publish writes the score columns
 rejects (any stage)  record_id: str|null, call_id: str, stage: str, reason: str, detail: str
                      (validate writes stage "parse" (unparseable, truncated, malformed_item), "schema"
-                     (schema_violation) and "select" (not_sampled, below_threshold)). A list answer cut short
+                     (schema_violation) and "select" (not_sampled, below_threshold); quality writes "quality"
+                     (failed_check, the failing checks with their scores in the detail)). A list answer cut short
                      keeps the responses completed before the cut as records and still has its answer-level
                      "parse" row (record_id null) for the lost remainder; its detail says how many were salvaged
 embeddings           np.ndarray float32 (rows aligned with the records frame, L2-normalised)

@@ -4,6 +4,12 @@ which cells fall short.
 A surplus cell is cut by a diversity-preserving choice on the embeddings, never at random: greedy farthest-point
 (each pick is the record least similar to everything picked so far) or MMR (each pick trades typicality, the cosine
 to the cell's centroid, against redundancy with what is already picked).
+
+When the records carry quality scores (stages.quality: `_quality_<name>` columns and `_quality`), diversity never
+keeps a failing record over a passing one: a cut keeps records that passed every check first and takes failing ones
+(possible only with gate: false) only when the passing ones cannot fill the quota. Relevance becomes quality: MMR's
+relevance is the record's scores normalised within the cell (min-max per check, mean over the checks that scored it),
+and farthest-point starts from the best-scored record (where the scores tell records apart at all).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import numpy as np
 import polars as pl
 
 from polyculture.index.vectors import normalise_rows
-from polyculture.spec import Attribute, RebalanceSpec
+from polyculture.spec import SCORE_PREFIX, Attribute, RebalanceSpec
 from polyculture.stages.plan import cell_key, joint_targets, marginal_quotas, marginal_targets, table_targets
+from polyculture.stages.quality import PASSED_COLUMN
 from polyculture.stages.rejects import reject, rejects_frame
 
 STAGE = "rebalance"
@@ -79,6 +86,7 @@ def rebalance(
         else [None] * n
     )
     values = {a.name: records[a.name].cast(pl.String).to_list() for a in attributes}
+    scored = _Quality.of(records)
     allowed = {a.name: set(a.values) for a in attributes}
 
     rejects: list[dict[str, str | None]] = []
@@ -107,10 +115,12 @@ def rebalance(
     for (cell_values, planned), key_tuple, quota in zip(plan, keys, quotas, strict=True):
         key = cell_key(cell_values)
         pool = members.pop(key_tuple, [])
-        keep = _choose(pool, quota, vectors, probs, surplus, mmr_lambda)
+        keep = _choose(pool, quota, vectors, probs, surplus, mmr_lambda, scored)
         if len(pool) > len(keep):
             dropped = sorted(set(pool) - set(keep))
             how = "most diverse" if surplus == "farthest_point" else "most typical yet diverse (MMR)"
+            if scored is not None:
+                how = f"{how}, passing every quality check first" + (" and best-scored" if surplus == "mmr" else "")
             detail = f"cell {key} had {len(pool)} valid records for a quota of {quota}; kept the {quota} {how}"
             rejects.extend(reject(record_ids[i], call_ids[i], STAGE, "surplus", detail) for i in dropped)
         kept_order.extend(keep)
@@ -152,17 +162,82 @@ def rebalance(
     )
 
 
+@dataclass(frozen=True)
+class _Quality:
+    """The quality stage's verdicts and scores, row-aligned with the records (scores: NaN where a check gave none)."""
+
+    passed: np.ndarray  # bool, [n]
+    scores: np.ndarray  # float64, [n, checks]
+
+    @classmethod
+    def of(cls, records: pl.DataFrame) -> _Quality | None:
+        if PASSED_COLUMN not in records.columns:
+            return None
+        columns = [c for c in records.columns if c.startswith(SCORE_PREFIX)]
+        scores = np.zeros((records.height, len(columns)))
+        for j, column in enumerate(columns):
+            scores[:, j] = records[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        return cls(records[PASSED_COLUMN].fill_null(False).to_numpy().astype(bool), scores)
+
+    def relevance(self, pool: list[int]) -> np.ndarray | None:
+        """Per pool member: its scores min-max normalised within the pool, averaged over the checks that scored it
+        (0 where none did); None when that ranks nobody above anyone (no scores, or all alike: a cut then goes as
+        without quality, by typicality or from the most probable record)."""
+        block = self.scores[pool]
+        usable = [c for c in range(block.shape[1]) if np.isfinite(block[:, c]).any()]
+        if not usable:
+            return None
+        normalised = []
+        for c in usable:
+            column = block[:, c]
+            low, high = np.nanmin(column), np.nanmax(column)
+            flat = np.where(np.isfinite(column), 1.0, np.nan)  # one value for all: each is as good as the best
+            normalised.append((column - low) / (high - low) if high > low else flat)
+        stacked = np.column_stack(normalised)
+        counted = np.isfinite(stacked).sum(axis=1)
+        relevance = np.where(counted > 0, np.nansum(stacked, axis=1) / np.maximum(counted, 1), 0.0)
+        return relevance if np.ptp(relevance) > 0 else None  # all alike: quality cannot rank them
+
+
 def _choose(
-    pool: list[int], quota: int, vectors: np.ndarray, probs: list[float | None], surplus: Surplus, mmr_lambda: float
+    pool: list[int],
+    quota: int,
+    vectors: np.ndarray,
+    probs: list[float | None],
+    surplus: Surplus,
+    mmr_lambda: float,
+    scored: _Quality | None = None,
 ) -> list[int]:
     if len(pool) <= quota:
         return pool
     if quota <= 0:
         return []
+    if scored is not None:  # never a failing record over a passing one
+        passing = [i for i in pool if scored.passed[i]]
+        if len(passing) >= quota:
+            return _pick(passing, quota, vectors, probs, surplus, mmr_lambda, scored)
+        failing = [i for i in pool if not scored.passed[i]]
+        return sorted(passing + _pick(failing, quota - len(passing), vectors, probs, surplus, mmr_lambda, scored))
+    return _pick(pool, quota, vectors, probs, surplus, mmr_lambda, None)
+
+
+def _pick(
+    pool: list[int],
+    quota: int,
+    vectors: np.ndarray,
+    probs: list[float | None],
+    surplus: Surplus,
+    mmr_lambda: float,
+    scored: _Quality | None,
+) -> list[int]:
+    if len(pool) <= quota:
+        return pool
+    relevance = scored.relevance(pool) if scored is not None else None
     if surplus == "mmr":
-        chosen = mmr_order(vectors[pool], quota, mmr_lambda)
+        chosen = mmr_order(vectors[pool], quota, mmr_lambda, relevance=relevance)
     else:
-        chosen = farthest_point_order(vectors[pool], _start(pool, probs), quota)
+        start = int(np.argmax(relevance)) if relevance is not None else _start(pool, probs)  # argmax: first of ties
+        chosen = farthest_point_order(vectors[pool], start, quota)
     return [pool[j] for j in sorted(chosen)]
 
 
@@ -243,16 +318,22 @@ def farthest_point_order(vectors: np.ndarray, start: int, k: int) -> list[int]:
     return chosen
 
 
-def mmr_order(vectors: np.ndarray, k: int, mmr_lambda: float) -> list[int]:
-    """Maximal marginal relevance: `k` row indices; relevance is the cosine to the rows' centroid, redundancy the
-    highest cosine to a row already chosen. Starts from the most typical row; ties go to the lowest index."""
+def mmr_order(vectors: np.ndarray, k: int, mmr_lambda: float, *, relevance: np.ndarray | None = None) -> list[int]:
+    """Maximal marginal relevance: `k` row indices; relevance is the cosine to the rows' centroid (or the given
+    `relevance`, one value per row in [0, 1], e.g. quality), redundancy the highest cosine to a row already chosen.
+    Starts from the most relevant row; ties go to the lowest index."""
     m = vectors.shape[0]
     k = min(k, m)
     if k <= 0:
         return []
-    centroid = vectors.mean(axis=0)
-    norm = float(np.linalg.norm(centroid))
-    relevance = (vectors @ (centroid / norm)).astype(np.float64) if norm > 0 else np.zeros(m)
+    if relevance is not None:
+        relevance = np.asarray(relevance, dtype=np.float64)
+        if relevance.shape != (m,):
+            raise ValueError(f"relevance needs one value per row ({m}); got shape {relevance.shape}")
+    else:
+        centroid = vectors.mean(axis=0)
+        norm = float(np.linalg.norm(centroid))
+        relevance = (vectors @ (centroid / norm)).astype(np.float64) if norm > 0 else np.zeros(m)
     chosen = [int(np.argmax(relevance))]
     closest = (vectors @ vectors[chosen[0]]).astype(np.float64)
     taken = np.zeros(m, dtype=bool)

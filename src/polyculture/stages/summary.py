@@ -14,6 +14,7 @@ import polars as pl
 from polyculture.spec import BuildSpec, RebalanceSpec
 from polyculture.stages.dedup import DedupResult
 from polyculture.stages.extract import ExtractResult
+from polyculture.stages.quality import QualityResult
 from polyculture.stages.rebalance import RebalanceResult
 from polyculture.stages.validate import ValidationResult, salvaged_records
 
@@ -22,7 +23,8 @@ EXACT_DUPLICATE_REASONS = ("exact_duplicate", "exact_in_reference")
 
 @dataclass(frozen=True)
 class Pool:
-    """Everything generated so far and what one pass of validate -> embed -> dedup -> extract -> rebalance made of it."""
+    """Everything generated so far and what one pass of validate -> embed -> dedup -> quality -> extract -> rebalance
+    made of it (`quality` None: a build without quality checks, or one put together before the stage existed)."""
 
     completions: pl.DataFrame
     validated: ValidationResult
@@ -30,6 +32,7 @@ class Pool:
     deduped: DedupResult
     extracted: ExtractResult
     balanced: RebalanceResult
+    quality: QualityResult | None = None
 
     @property
     def short_records(self) -> int:
@@ -89,6 +92,7 @@ def build_counts(spec: BuildSpec, plans: Sequence[pl.DataFrame], pool: Pool) -> 
         "valid": records.height,
         "after_exact_dedup": records.height - exact_dups,
         "after_semantic_dedup": pool.deduped.kept.height,
+        **({"after_quality": pool.quality.records.height} if spec.quality and pool.quality is not None else {}),
         **({"after_extract": pool.extracted.records.height} if spec.extract_attributes else {}),
         "final": pool.balanced.kept.height,
         "salvaged": salvaged_records(pool.validated),
@@ -117,5 +121,6 @@ def build_usage(
 
 def all_rejects(pool: Pool) -> pl.DataFrame:
     """Every stage's rejects, in stage order."""
-    parts = [pool.validated.rejects, pool.deduped.rejects, pool.extracted.rejects, pool.balanced.rejects]
+    quality = [pool.quality.rejects] if pool.quality is not None else []
+    parts = [pool.validated.rejects, pool.deduped.rejects, *quality, pool.extracted.rejects, pool.balanced.rejects]
     return pl.concat(parts, how="vertical")

@@ -1,0 +1,109 @@
+"""The quality section: checks every record must pass (gate: true) or is only scored by (gate: false).
+
+One list entry per check, told apart by `kind` (a discriminated union): fluency (mean per-token log-probability under
+the build's model), expression (a formula in the record evaluated safely against the value the record claims) and
+python (a user function, run in worker processes with a per-record timeout). Each check publishes its score as the
+column `_quality_<name>`. What needs the disk (is the field in the record schema, does the module import) is
+`polyculture.preflight`'s business.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from polyculture.spec.base import _Strict
+
+CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+# "package.module:function": a plain name after the colon keeps the worker's lookup to one getattr.
+FUNCTION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+SCORE_PREFIX = "_quality_"
+
+
+class _Check(_Strict):
+    name: str = Field(pattern=CHECK_NAME, description="Identifier; the score is published as `_quality_<name>`.")
+    gate: bool = Field(
+        default=True,
+        description="true: a record that fails is a reject (stage quality); false: the score is only informational "
+        "(published, used by rebalancing, never a reject).",
+    )
+
+    @property
+    def score_column(self) -> str:
+        return f"{SCORE_PREFIX}{self.name}"
+
+
+class FluencyCheck(_Check):
+    """Mean per-token log-probability of a text field under the build's own model (a gibberish filter)."""
+
+    kind: Literal["fluency"]
+    field: str | None = Field(default=None, description="Record field scored (default: record.text_field's text).")
+    threshold: float | None = Field(
+        default=None, le=0, description="Absolute: a record whose mean token log-prob is below this fails (e.g. -4.0)."
+    )
+    quantile: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Relative: the records below this quantile of the run's scores fail (0.2: the lowest 20%).",
+    )
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> FluencyCheck:
+        if (self.threshold is None) == (self.quantile is None):
+            raise ValueError("fluency takes exactly one of threshold (a log-prob, e.g. -4.0) or quantile (in (0, 1))")
+        return self
+
+
+class ExpressionCheck(_Check):
+    """A formula held in one field, evaluated safely (simpleeval, bounded), must equal the value another field claims."""
+
+    kind: Literal["expression"]
+    expression_field: str = Field(description="Record field holding the expression, e.g. '3 * (4 + 5)'.")
+    value_field: str = Field(description="Record field holding the claimed value (a number or a boolean).")
+    tolerance: float = Field(default=1e-9, ge=0, description="Relative and absolute tolerance when a float is involved.")
+    max_length: int = Field(default=500, ge=1, le=10_000, description="Longer expressions fail unevaluated.")
+    max_bits: int = Field(
+        default=4096, ge=64, le=1_000_000, description="An integer result (or step) wider than this fails: no 9**9**9."
+    )
+    timeout_s: float = Field(default=1.0, gt=0, le=60, description="Evaluation time per expression.")
+
+
+class PythonCheck(_Check):
+    """A user function over the record, in worker processes, each record under a timeout."""
+
+    kind: Literal["python"]
+    function: str = Field(
+        description="'module:function' (importable, or a module beside the spec); called with the record as a dict, "
+        "returns a bool, a number (see threshold) or (score, reason)."
+    )
+    threshold: float | None = Field(default=None, description="A number returned passes when >= this.")
+    timeout_s: float = Field(default=10.0, gt=0, le=3600, description="Time per record before it fails as hung.")
+    workers: int = Field(default=2, ge=1, le=64, description="Worker processes.")
+
+    @field_validator("function")
+    @classmethod
+    def _function_path(cls, function: str) -> str:
+        if not FUNCTION_PATH.match(function):
+            raise ValueError(f"must read 'package.module:function'; got {function!r}")
+        return function
+
+    @property
+    def module_name(self) -> str:
+        return self.function.split(":", 1)[0]
+
+    @property
+    def function_name(self) -> str:
+        return self.function.split(":", 1)[1]
+
+
+QualityCheck = Annotated[FluencyCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")]
+
+
+def quality_names_problem(checks: list[FluencyCheck | ExpressionCheck | PythonCheck]) -> str | None:
+    """Why the checks' names cannot all be score columns (repeated); None when they can."""
+    names = [c.name for c in checks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    return f"quality: check names must be distinct; repeated: {repeated}" if repeated else None
