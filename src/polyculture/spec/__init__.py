@@ -6,8 +6,8 @@ Every model refuses unknown keys, so a typo is an error naming the field, never 
 `schemas/build-spec.schema.json` is generated from `BuildSpec` (see `build_spec_json_schema`); a test keeps them in sync.
 
 Modules: `base` (SpecError, error formatting), `sections` (prompt, record, attributes, method, sampling, generation,
-dedup, rebalance), `model` (model and engine), `outputs` (publish, Hub, report), `scheduling` (runner, schedule),
-`build` (BuildSpec and the checks across sections).
+dedup, rebalance), `decontaminate` (benchmarks to check records against), `model` (model and engine), `outputs`
+(publish, Hub, report), `scheduling` (runner, schedule), `build` (BuildSpec and the checks across sections).
 """
 
 from polyculture.spec.base import SpecError, error_lines, format_validation_error, spec_error_message
@@ -20,6 +20,7 @@ from polyculture.spec.build import (
     build_spec_json_schema,
     set_dotted,
 )
+from polyculture.spec.decontaminate import BUILT_IN_BENCHMARKS, BenchmarkFile, DecontaminateSpec
 from polyculture.spec.model import ADAPTER_WITH_SERVER, VLLM_RESERVED_ARGS, ModelSpec
 from polyculture.spec.outputs import HUB_REPO_ID, HubSpec, PublishSpec, ReportReference, ReportSpec
 from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
@@ -40,14 +41,17 @@ from polyculture.spec.sections import (
 
 __all__ = [
     "ADAPTER_WITH_SERVER",
+    "BUILT_IN_BENCHMARKS",
     "DATASET_NAME",
     "HUB_REPO_ID",
     "RESERVED_COLUMNS",
     "TEMPLATE_BUILTINS",
     "VLLM_RESERVED_ARGS",
     "Attribute",
+    "BenchmarkFile",
     "BuildSpec",
     "CellWeight",
+    "DecontaminateSpec",
     "DedupSpec",
     "ExtractorSpec",
     "GenerationSpec",

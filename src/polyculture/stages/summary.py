@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.spec import BuildSpec, RebalanceSpec
+from polyculture.stages.decontaminate import DecontaminationResult
 from polyculture.stages.dedup import DedupResult
 from polyculture.stages.extract import ExtractResult
 from polyculture.stages.rebalance import RebalanceResult
@@ -22,7 +23,8 @@ EXACT_DUPLICATE_REASONS = ("exact_duplicate", "exact_in_reference")
 
 @dataclass(frozen=True)
 class Pool:
-    """Everything generated so far and what one pass of validate -> embed -> dedup -> extract -> rebalance made of it."""
+    """Everything generated so far and what one pass of validate -> embed -> dedup -> decontaminate -> extract ->
+    rebalance made of it (`decontaminated` None: the stage is off)."""
 
     completions: pl.DataFrame
     validated: ValidationResult
@@ -30,6 +32,7 @@ class Pool:
     deduped: DedupResult
     extracted: ExtractResult
     balanced: RebalanceResult
+    decontaminated: DecontaminationResult | None = None
 
     @property
     def short_records(self) -> int:
@@ -89,6 +92,7 @@ def build_counts(spec: BuildSpec, plans: Sequence[pl.DataFrame], pool: Pool) -> 
         "valid": records.height,
         "after_exact_dedup": records.height - exact_dups,
         "after_semantic_dedup": pool.deduped.kept.height,
+        **({"after_decontaminate": pool.decontaminated.kept.height} if pool.decontaminated is not None else {}),
         **({"after_extract": pool.extracted.records.height} if spec.extract_attributes else {}),
         "final": pool.balanced.kept.height,
         "salvaged": salvaged_records(pool.validated),
@@ -117,5 +121,6 @@ def build_usage(
 
 def all_rejects(pool: Pool) -> pl.DataFrame:
     """Every stage's rejects, in stage order."""
-    parts = [pool.validated.rejects, pool.deduped.rejects, pool.extracted.rejects, pool.balanced.rejects]
+    decontaminated = [pool.decontaminated.rejects] if pool.decontaminated is not None else []
+    parts = [pool.validated.rejects, pool.deduped.rejects, *decontaminated, pool.extracted.rejects, pool.balanced.rejects]
     return pl.concat(parts, how="vertical")
