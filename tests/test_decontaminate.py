@@ -230,3 +230,63 @@ def test_the_resolved_spec_keeps_the_fingerprint_and_names_benchmarks_by_absolut
     plain = parse_spec(small_spec_dict(), spec_dir)
     assert plain.fingerprint() != spec.fingerprint()
     assert "decontaminate" not in plain.model_dump(exclude_none=True)
+
+
+@pytest.mark.slow
+def test_a_tiny_build_rejects_benchmark_overlaps_and_reports_them(spec_dir, tmp_path, prefect_server, one_torch_thread):
+    """The real flow on the embedded model: champ and a user file of generic biography sentences (the model cannot be
+    made to copy a benchmark, so a low threshold makes the file flag some records); a top-up round checks its new
+    records too. The table, the rejects, the funnel, result.json, report.md/.html and the card agree."""
+    from polyculture.flows.build_dataset import build_dataset
+    from polyculture.report.model import Report
+
+    pl.DataFrame(
+        {
+            "sentence": [
+                "She is a doctor who works long hours at the city hospital caring for her patients.",
+                "He is a farmer who grows wheat and raises cattle on the land his family has worked for years.",
+                "The weather report says it will rain tomorrow afternoon in the northern districts.",
+            ]
+        }
+    ).write_csv(spec_dir / "generic.csv")
+    spec = small_spec_dict(
+        decontaminate={
+            "benchmarks": ["champ", {"path": "generic.csv", "text_column": "sentence"}],
+            "embedding_threshold": 0.2,  # the model writes poor bios: at 0.2 some sit this near a generic sentence
+        },
+        rebalance={"top_up_rounds": 1},
+    )
+    spec_path = spec_dir / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    result = build_dataset(str(spec_path), run_id="run-1", output_root=str(tmp_path / "out"))
+    run_dir = Path(result["run_dir"])
+
+    counts = result["counts"]
+    rejects = pl.read_parquet(run_dir / "rejects.parquet").filter(pl.col("stage") == "decontaminate")
+    assert counts["after_semantic_dedup"] >= counts["after_decontaminate"] >= counts["final"]
+    assert rejects.height == counts["after_semantic_dedup"] - counts["after_decontaminate"]
+    assert set(rejects["reason"].to_list()) <= {"ngram_overlap", "embedding_neighbour"}
+    assert all(" item " in d and ("champ" in d or "generic" in d) for d in rejects["detail"].to_list())
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert Report.from_dict(report).to_dict() == report
+    contamination = report["contamination"]
+    assert (contamination["ngram"], contamination["embedding_threshold"]) == (8, 0.2)
+    assert contamination["rejected"] == rejects.height
+    table = {row["benchmark"]: row for row in contamination["benchmarks"]}
+    assert list(table) == ["champ", "generic"] and (table["champ"]["items"], table["generic"]["items"]) == (270, 3)
+    for row in table.values():
+        assert row["records_checked"] == counts["after_semantic_dedup"]
+        assert row["flagged"] == row["flagged_ngram"] + row["flagged_embedding"] - row["flagged_both"]
+        assert len(row["examples"]) == min(3, row["flagged"])
+    # A record flagged by both benchmarks is one reject.
+    assert max(r["flagged"] for r in table.values()) <= rejects.height <= sum(r["flagged"] for r in table.values())
+    assert result["contamination"] == contamination["benchmarks"]
+    assert json.loads((run_dir / "result.json").read_text())["contamination"] == contamination["benchmarks"]
+
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Contamination" in markdown and "| generic | 3 |" in markdown
+    assert "after_decontaminate" in markdown
+    assert 'id="contamination"' in (run_dir / "report.html").read_text()
+    card = (Path(result["dataset_dir"]) / "README.md").read_text()
+    assert "| decontamination | against `champ`" in card and "### Contamination" in card

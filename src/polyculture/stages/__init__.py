@@ -31,7 +31,9 @@ records (validate)   record_id: str (call_id + "-" + item_index), call_id: str, 
                      method's selection (all | sample | threshold) runs per answer over its schema-valid records.
 rejects (any stage)  record_id: str|null, call_id: str, stage: str, reason: str, detail: str
                      (validate writes stage "parse" (unparseable, truncated, malformed_item), "schema"
-                     (schema_violation) and "select" (not_sampled, below_threshold)). A list answer cut short
+                     (schema_violation) and "select" (not_sampled, below_threshold); decontaminate writes stage
+                     "decontaminate" (ngram_overlap, embedding_neighbour; the detail names benchmark, item and
+                     score)). A list answer cut short
                      keeps the responses completed before the cut as records and still has its answer-level
                      "parse" row (record_id null) for the lost remainder; its detail says how many were salvaged
 embeddings           np.ndarray float32 (rows aligned with the records frame, L2-normalised)

@@ -70,8 +70,8 @@ class DecontaminationResult:
     benchmarks: tuple[BenchmarkContamination, ...]
 
     def table(self) -> list[dict[str, Any]]:
-        """The per-benchmark rows as plain data (result.json, the report)."""
-        return [asdict(row) for row in self.benchmarks]
+        """The per-benchmark rows as JSON data (result.json, the report): dicts and lists."""
+        return [{**asdict(row), "examples": [asdict(e) for e in row.examples]} for row in self.benchmarks]
 
 
 @dataclass
