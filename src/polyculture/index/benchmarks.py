@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from polyculture.index.sources import SourceError, read_texts
@@ -43,7 +44,11 @@ def read_champ() -> Benchmark:
         raise SourceError(f"the built-in benchmark '{CHAMP}' needs the {CHAMP_PACKAGE} package: pip install {CHAMP_PACKAGE}")
     problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
     ids = tuple(sorted(problems, key=_champ_order))
-    return Benchmark(CHAMP, f"{CHAMP_PACKAGE} ({CHAMP_FILE})", ids, tuple(problems[i]["_text"] for i in ids))
+    try:
+        package = f"{CHAMP_PACKAGE} {metadata.version(CHAMP_PACKAGE)}"
+    except metadata.PackageNotFoundError:  # files present without the package's metadata (a vendored copy)
+        package = CHAMP_PACKAGE
+    return Benchmark(CHAMP, f"{package} ({CHAMP_FILE.as_posix()})", ids, tuple(problems[i]["_text"] for i in ids))
 
 
 def _champ_order(item_id: str) -> tuple[str, int]:
