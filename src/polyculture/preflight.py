@@ -3,10 +3,12 @@
 `parse_spec` and `load_spec` validate a mapping into a `BuildSpec` (pure configuration, `polyculture.spec`) and then
 preflight it: the record schema file is read and the attributes and text field are checked against it; model.name and
 dedup.embedding_model must name a model this machine can load; model.adapter and the dedup.reference folders must
-exist; the quality checks' fields must be record fields and a python check's function must import. Problems read
-like the spec's own validation errors (SpecError, the field named, all fields at once). The spec comes back with what
-was found attached: `spec.base_dir` (the spec file's folder), `spec.record_schema` and `spec.located_files` (the
-adapter, reference indexes and report reference as absolute paths).
+exist; each decontaminate benchmark must be readable (champ: its package installed; a file: found, with its columns)
+and decontaminate.fields must be record fields; the quality checks' fields must be record fields and a python check's
+function must import. Problems read like the spec's own validation errors (SpecError, the field named, all fields at
+once). The spec comes back with what was found attached: `spec.base_dir` (the spec file's folder),
+`spec.record_schema` and `spec.located_files` (the adapter, reference indexes, report reference and benchmark files as
+absolute paths).
 
 `check_models` goes further, for commands about to do long work: it resolves both models to local weights and checks
 that the dedup index can run here, so a missing model fails in seconds, not after minutes of generation.
@@ -30,9 +32,12 @@ from polyculture.engines.model_files import (
     resolve_chat_model,
     resolve_embedding_model,
 )
+from polyculture.index.benchmarks import CHAMP, CHAMP_PACKAGE, champ_file
+from polyculture.index.sources import SourceError, source_columns, source_files
 from polyculture.spec import (
     Attribute,
     BuildSpec,
+    DecontaminateSpec,
     DedupSpec,
     ExpressionCheck,
     FluencyCheck,
@@ -90,6 +95,8 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
     except ValueError as exc:
         raise SpecError(spec_error_message([((), str(exc))])) from None
     problems = quality_problems(spec.quality, schema, base)
+    if spec.decontaminate is not None:
+        problems += decontaminate_problems(spec.decontaminate, schema, base)
     if problems:
         raise SpecError(spec_error_message(problems))
     return spec.attach(base, schema, _located_files(spec, base))
@@ -121,6 +128,46 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
     return problems
 
 
+def locate_benchmark(path: str, base_dir: Path) -> Path | None:
+    """A benchmark file or folder: beside the spec first, then in the working folder; None when neither exists."""
+    candidate = Path(path).expanduser()
+    options = [candidate] if candidate.is_absolute() else [base_dir / candidate, Path.cwd() / candidate]
+    return next((p.resolve() for p in options if p.exists()), None)
+
+
+def decontaminate_problems(settings: DecontaminateSpec, schema: dict[str, Any], base_dir: Path) -> list[Problem]:
+    """Each benchmark readable (champ: its package installed; a file or folder: found, holding the text and id
+    columns) and each checked field a record field; all problems at once, each naming its field."""
+    problems: list[Problem] = []
+    for i, benchmark in enumerate(settings.benchmarks):
+        where: tuple[str | int, ...] = ("decontaminate", "benchmarks", i)
+        if isinstance(benchmark, str):  # a built-in; champ is the only one
+            if champ_file() is None:
+                problems.append((where, f"the built-in benchmark '{CHAMP}' needs the {CHAMP_PACKAGE} package "
+                                        f"(pip install {CHAMP_PACKAGE}); it is not installed"))  # fmt: skip
+            continue
+        found = locate_benchmark(benchmark.path, base_dir)
+        if found is None:
+            problems.append(((*where, "path"), f"'{benchmark.path}' not found (looked beside the spec and in the "
+                                               "working folder)"))  # fmt: skip
+            continue
+        try:
+            for file in source_files(found):
+                columns = source_columns(file)
+                for key in ("text_column", "id_column"):
+                    column = getattr(benchmark, key)
+                    if column is not None and column not in columns:
+                        problems.append(((*where, key), f"'{file}' has no column '{column}' (columns: {columns})"))
+        except SourceError as exc:
+            problems.append(((*where, "path"), str(exc)))
+    props = schema.get("properties", {})
+    for name in settings.fields or []:
+        if name not in props:
+            problems.append((("decontaminate", "fields"), f"'{name}' is not in the record schema's properties "
+                                                          f"{sorted(props)}"))  # fmt: skip
+    return problems
+
+
 def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]]:
     """Where the files the spec names besides the record schema are, as absolute paths (the checks above found
     them); the report reference is only looked for beside the spec, and checked when the build reads it."""
@@ -133,6 +180,10 @@ def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]
         located["dedup.reference"] = [str(locate_release_index(f, base_dir)) for f in spec.dedup.reference]
     if spec.report.reference is not None:
         located["report.reference.path"] = str((base_dir / Path(spec.report.reference.path).expanduser()).resolve())
+    for i, benchmark in enumerate(spec.decontaminate.benchmarks if spec.decontaminate else []):
+        found = None if isinstance(benchmark, str) else locate_benchmark(benchmark.path, base_dir)
+        if found is not None:
+            located[f"decontaminate.benchmarks.{i}.path"] = str(found)
     return located
 
 

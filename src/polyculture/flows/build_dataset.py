@@ -1,5 +1,5 @@
-"""build_dataset: plan -> generate -> validate -> embed -> dedup -> quality -> extract -> rebalance (-> top-up rounds)
--> report -> publish, as Prefect tasks.
+"""build_dataset: plan -> generate -> validate -> embed -> dedup -> decontaminate -> quality -> extract -> rebalance
+(-> top-up rounds) -> report -> publish, as Prefect tasks.
 
 The flow only wires stages and writes each stage's output into the run folder; the stages hold the logic and
 `stages.summary` the bookkeeping. Generation shards already in the run folder are reused, so a re-run resumes.
@@ -26,6 +26,7 @@ from polyculture.flows.common import close_shared_engines, embed_task, shared_en
 from polyculture.flows.runners import task_runner_for
 from polyculture.flows.shards import prefect_shards
 from polyculture.hub.push import HubError, push_dataset
+from polyculture.index.benchmarks import Benchmark
 from polyculture.index.releases import ReleaseIndex, load_release_index, locate_release_index, write_release_index
 from polyculture.methods import get_method
 from polyculture.preflight import load_spec
@@ -36,8 +37,10 @@ from polyculture.report.write import RecordSet, ReportInputs, write_report
 from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked, write_text_atomic
 from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.runs.resolved import write_run_spec
-from polyculture.spec import BuildSpec, RunnerSpec
+from polyculture.spec import BuildSpec, DecontaminateSpec, RunnerSpec
+from polyculture.stages.decontaminate import DecontaminationResult, decontaminate, load_benchmarks
 from polyculture.stages.dedup import DedupResult, dedup
+from polyculture.stages.embed import load_embedder
 from polyculture.stages.extract import ExtractResult, extract_attributes
 from polyculture.stages.generate import GeneratedRound, generate_round
 from polyculture.stages.plan import plan
@@ -86,6 +89,7 @@ class BuildResult:
     resumed: bool = False
     hub: dict[str, Any] | None = None  # the push (publish.hub.push_on_build): repo, commit, tag
     corrupt_shards: int = 0  # damaged shard files found, set aside and generated again
+    contamination: list[dict[str, Any]] | None = None  # per benchmark (spec.decontaminate): items, records, flags
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +110,18 @@ def dedup_task(
     spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, references: list[ReleaseIndex]
 ) -> DedupResult:
     return dedup(records, embeddings, spec.dedup, references)
+
+
+@task(name="decontaminate", cache_policy=NONE)
+def decontaminate_task(
+    spec: BuildSpec,
+    settings: DecontaminateSpec,
+    records: pl.DataFrame,
+    embeddings: np.ndarray,
+    benchmarks: list[Benchmark],
+) -> DecontaminationResult:
+    embedder = load_embedder(spec.dedup.embedding_model, spec.base_dir)  # the build's embedder: vectors comparable
+    return decontaminate(records, embeddings, settings, benchmarks, embedder)
 
 
 @task(name="quality", cache_policy=NONE)
@@ -145,20 +161,28 @@ def _process(
     references: list[ReleaseIndex],
     known: ExtractedLabels,
     scores: ScoreCache,
+    benchmarks: list[Benchmark],
 ) -> Pool:
-    """One pass over everything generated so far: validate -> embed -> dedup -> quality -> extract -> rebalance."""
+    """One pass over everything generated so far: validate -> embed -> dedup -> decontaminate -> quality -> extract ->
+    rebalance (every round checks the whole pool again: the new records, and the earlier ones at no cost but a
+    lookup)."""
     validated = validate_task(spec, completions)
     records = validated.records
     progress.report("validate", 1, 1, f"{records.height} valid, {validated.rejects.height} rejected")
     embeddings = embed_task(spec, records["text"].to_list())
     deduped = dedup_task(spec, records, embeddings, references)
     progress.report("dedup", 1, 1, f"{deduped.kept.height} unique of {records.height}")
-    checked = quality_task(spec, deduped.kept, deduped.kept_embeddings, engine, scores)
+    kept, kept_embeddings, clean = deduped.kept, deduped.kept_embeddings, None
+    if spec.decontaminate is not None:
+        clean = decontaminate_task(spec, spec.decontaminate, kept, kept_embeddings, benchmarks)
+        kept, kept_embeddings = clean.kept, clean.kept_embeddings
+        progress.report("decontaminate", 1, 1, f"{clean.rejects.height} of {deduped.kept.height} overlap a benchmark")
+    checked = quality_task(spec, kept, kept_embeddings, engine, scores)
     if spec.quality:
-        progress.report("quality", 1, 1, f"{checked.records.height} passed of {deduped.kept.height}")
+        progress.report("quality", 1, 1, f"{checked.records.height} passed of {kept.height}")
     extracted = extract_task(spec, checked.records, checked.embeddings, engine, known)
     balanced = rebalance_task(spec, extracted.records, extracted.embeddings)
-    pool = Pool(completions, validated, embeddings, deduped, extracted, balanced, checked)
+    pool = Pool(completions, validated, embeddings, deduped, extracted, balanced, checked, decontaminated=clean)
     progress.report(
         "rebalance", 1, 1, f"{balanced.kept.height} of target {spec.target_size}, {pool.short_records} short"
     )
@@ -245,6 +269,7 @@ def _build(
 
     # Read now, so a bad report.reference path or column fails before any model time is spent.
     report_reference = load_report_reference(spec)
+    benchmarks = load_benchmarks(spec.decontaminate, spec.base_dir) if spec.decontaminate is not None else []
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
     # The engine extractor and the fluency check read records with the build's chat model, here in the build's process.
@@ -256,7 +281,7 @@ def _build(
     plans = [cells]
     generated = _generate(spec, cells, task_runner, run_dir / "generate", "generate", 0)
     generations = [generated]
-    pool = _process(spec, generated.completions, engine, references, known, scores)
+    pool = _process(spec, generated.completions, engine, references, known, scores, benchmarks)
     _write_scores(spec, run_dir / QUALITY_SCORES_FILE, scores)
     rounds = [round_row(0, cells, pool.completions, pool)]
     budget_stop: str | None = None
@@ -281,7 +306,7 @@ def _build(
         generated = _generate(spec, top_up, task_runner, shard_dir, label, round_no)
         generations.append(generated)
         completions = pl.concat([pool.completions, generated.completions])
-        pool = _process(spec, completions, engine, references, known, scores)
+        pool = _process(spec, completions, engine, references, known, scores, benchmarks)
         _write_scores(spec, run_dir / QUALITY_SCORES_FILE, scores)
         rounds.append(round_row(round_no, top_up, generated.completions, pool))
     stopped = stop_reason(spec.rebalance, bool(pool.balanced.shortfalls()), budget_stop)
@@ -321,6 +346,7 @@ def _build(
             stop_reason=stopped,
             usage=usage | {"wall_seconds": round(time.perf_counter() - wall_started, 2)},
             reference=RecordSet(report_reference, reference_embeddings) if report_reference is not None else None,
+            contamination=pool.decontaminated.table() if pool.decontaminated is not None else None,
         ),
         run_dir,
     )
@@ -353,6 +379,7 @@ def _build(
         usage=usage,
         resumed=resumed,
         corrupt_shards=sum(len(g.corrupt_shards) for g in generations),
+        contamination=pool.decontaminated.table() if pool.decontaminated is not None else None,
     )
     write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
     hub = spec.publish.hub

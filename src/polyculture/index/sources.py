@@ -58,3 +58,18 @@ def read_table(file: Path) -> pl.DataFrame:
         raise SourceError(f"'{file}' cannot be read: {exc}") from None
     raise SourceError(f"'{file}': unsupported file type '{suffix}'; allowed: .parquet, .jsonl, .ndjson, .csv")
 
+
+
+def source_columns(file: Path) -> list[str]:
+    """The columns of one data file, read from its schema or first rows (not the whole file)."""
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return list(pl.read_parquet_schema(file))
+        if suffix in (".jsonl", ".ndjson"):
+            return pl.read_ndjson(file, n_rows=100).columns
+        if suffix == ".csv":
+            return pl.read_csv(file, n_rows=0).columns
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SourceError(f"'{file}' cannot be read: {exc}") from None
+    raise SourceError(f"'{file}': unsupported file type '{suffix}'; allowed: .parquet, .jsonl, .ndjson, .csv")

@@ -298,6 +298,48 @@ class Rebalance(Model):
     marginals: tuple[Marginal, ...]
 
 
+# ---- contamination (stages.decontaminate) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContaminationExample(Model):
+    """A flagged record: the benchmark item it overlaps, by which test (ngram | embedding | both) and how much."""
+
+    record_id: str
+    field: str
+    item_id: str
+    item_text: str
+    test: str
+    shared_ngrams: int
+    cosine: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkContamination(Model):
+    """One benchmark's row: records checked, flagged by each test, both, and in all (n-gram + embedding - both)."""
+
+    benchmark: str
+    source: str
+    items: int
+    records_checked: int
+    flagged_ngram: int
+    flagged_embedding: int
+    flagged_both: int
+    flagged: int
+    examples: tuple[ContaminationExample, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contamination(Model):
+    """The decontaminate stage's settings and its table, one row per benchmark (the last round's pool)."""
+
+    ngram: int
+    embedding_threshold: float
+    fields: tuple[str, ...] | None
+    rejected: int  # records rejected by the stage (a record flagged by several benchmarks counts once)
+    benchmarks: tuple[BenchmarkContamination, ...]
+
+
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 
@@ -363,6 +405,7 @@ class Report(Model):
     usage: dict[str, float | int | None]
     plots: dict[str, str]  # attribute name -> its bar chart
     figures: Figures
+    contamination: Contamination | None = field(default=None, metadata=OMIT_NONE)  # None: decontaminate is off
 
     def funnel(self) -> dict[str, int]:
         """The counts of records after each stage, without the side counts."""

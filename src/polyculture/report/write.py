@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,6 +27,8 @@ from polyculture.report.html import render_html
 from polyculture.report.markdown import render_markdown
 from polyculture.report.model import (
     STAGES,
+    BenchmarkContamination,
+    Contamination,
     Diversity,
     Figures,
     Generation,
@@ -63,6 +66,7 @@ class ReportInputs:
     - counts: records after each stage, in pipeline order; usage: tokens, seconds and workers.
     - reference: `report.reference_dataset.load_report_reference(spec)` (a `text` column plus attribute columns) with
       its texts embedded by the build's embedder (embeddings may be None: then only attributes are compared).
+    - contamination: the decontaminate stage's table (`DecontaminationResult.table()`); None when the stage is off.
     """
 
     run_id: str
@@ -77,6 +81,7 @@ class ReportInputs:
     rounds: Sequence[Round] = ()
     stop_reason: str | None = None
     reference: RecordSet | None = None
+    contamination: Sequence[Mapping[str, Any]] | None = None
 
 
 def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report:
@@ -147,6 +152,7 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         usage=dict(inputs.usage),
         plots=plots,
         figures=figures,
+        contamination=_contamination(spec, inputs, rejects),
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +160,19 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
     write_text_atomic(out_dir / "report.md", render_markdown(report))
     write_text_atomic(out_dir / "report.html", render_html(report, out_dir))
     return report
+
+
+def _contamination(spec: BuildSpec, inputs: ReportInputs, rejects: pl.DataFrame) -> Contamination | None:
+    settings = spec.decontaminate
+    if settings is None or inputs.contamination is None:
+        return None
+    return Contamination(
+        ngram=settings.ngram,
+        embedding_threshold=settings.embedding_threshold,
+        fields=tuple(settings.fields) if settings.fields else None,
+        rejected=int(rejects.filter(pl.col("stage") == "decontaminate").height),
+        benchmarks=tuple(BenchmarkContamination.from_dict(row) for row in inputs.contamination),
+    )
 
 
 def _pair(records: RecordSet) -> tuple[pl.DataFrame, np.ndarray | None]:

@@ -6,7 +6,8 @@ Every model refuses unknown keys, so a typo is an error naming the field, never 
 `schemas/build-spec.schema.json` is generated from `BuildSpec` (see `build_spec_json_schema`); a test keeps them in sync.
 
 Modules: `base` (SpecError, error formatting), `sections` (prompt, record, attributes, method, sampling, generation,
-dedup, rebalance), `quality` (the checks: fluency, expression, python), `model` (model and engine), `outputs`
+dedup, rebalance), `decontaminate` (benchmarks to check records against), `quality` (the checks: fluency,
+expression, python), `model` (model and engine), `outputs`
 (publish, Hub, report), `scheduling` (runner, schedule), `build` (BuildSpec and the checks across sections).
 """
 
@@ -20,6 +21,7 @@ from polyculture.spec.build import (
     build_spec_json_schema,
     set_dotted,
 )
+from polyculture.spec.decontaminate import BUILT_IN_BENCHMARKS, BenchmarkFile, DecontaminateSpec
 from polyculture.spec.model import ADAPTER_WITH_SERVER, VLLM_RESERVED_ARGS, ModelSpec
 from polyculture.spec.outputs import HUB_REPO_ID, HubSpec, PublishSpec, ReportReference, ReportSpec
 from polyculture.spec.quality import (
@@ -47,6 +49,7 @@ from polyculture.spec.sections import (
 
 __all__ = [
     "ADAPTER_WITH_SERVER",
+    "BUILT_IN_BENCHMARKS",
     "DATASET_NAME",
     "HUB_REPO_ID",
     "RESERVED_COLUMNS",
@@ -54,8 +57,10 @@ __all__ = [
     "TEMPLATE_BUILTINS",
     "VLLM_RESERVED_ARGS",
     "Attribute",
+    "BenchmarkFile",
     "BuildSpec",
     "CellWeight",
+    "DecontaminateSpec",
     "DedupSpec",
     "ExpressionCheck",
     "ExtractorSpec",

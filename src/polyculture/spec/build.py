@@ -17,6 +17,7 @@ import jinja2.meta
 from pydantic import Field, field_validator, model_validator
 
 from polyculture.spec.base import _Strict
+from polyculture.spec.decontaminate import DecontaminateSpec
 from polyculture.spec.model import ModelSpec
 from polyculture.spec.outputs import PublishSpec, ReportSpec
 from polyculture.spec.quality import SCORE_PREFIX, QualityCheck, quality_names_problem
@@ -49,6 +50,11 @@ class BuildSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     generation: GenerationSpec = GenerationSpec()
     dedup: DedupSpec = DedupSpec()
+    decontaminate: DecontaminateSpec | None = Field(
+        default=None,
+        description="Benchmark decontamination after dedup, in every round: records overlapping a benchmark item by "
+        "word n-grams or by embedding are rejects (absent: off).",
+    )
     quality: list[QualityCheck] = Field(
         default_factory=list,
         description="Checks run after dedup on every round's records: a record failing a gated check is a reject and "
@@ -67,8 +73,8 @@ class BuildSpec(_Strict):
         return {"cron": value} if isinstance(value, str) else value  # `schedule: "0 3 * * *"` is the common case
 
     # Attached by preflight (the spec file's folder, the record schema read from it, and where the other files the
-    # spec names were found: "model.adapter", "dedup.reference", "report.reference.path" -> absolute paths); not
-    # part of the YAML.
+    # spec names were found: "model.adapter", "dedup.reference", "report.reference.path",
+    # "decontaminate.benchmarks.<i>.path" -> absolute paths); not part of the YAML.
     _base_dir: Path = Path(".")
     _record_schema: dict[str, Any] = {}
     _located: dict[str, str | list[str]] = {}
@@ -179,8 +185,9 @@ class BuildSpec(_Strict):
         `paths_as_written`: the hash of the spec with every path as written (what run folders started before paths
         were located hold in run.json; still accepted to resume them)."""
         # The runner decides where shards run, not what they hold: a run resumes under any runner.
-        # No quality section hashes as before the section existed: runs started then still resume.
-        unset = {"quality": True} if not self.quality else {}
+        # A section left out hashes as before the section existed: runs started then still resume.
+        unset = {**({"quality": True} if not self.quality else {}),
+                 **({"decontaminate": True} if self.decontaminate is None else {})}  # fmt: skip
         if paths_as_written:
             spec = self.model_dump(mode="json", by_alias=True, exclude={"runner": True, **unset})
         else:
@@ -194,11 +201,16 @@ class BuildSpec(_Strict):
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """data["a"]["b"] = value for key "a.b" (the mappings on the way must exist)."""
+    """data["a"]["b"] = value for key "a.b"; a numeric part indexes a list ("a.0.b"). The containers on the way must
+    exist."""
     *parents, last = key.split(".")
+    target: Any = data
     for part in parents:
-        data = data[part]
-    data[last] = value
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
 
 
 # Pipeline columns an attribute (a column of its own in every frame) must not shadow.

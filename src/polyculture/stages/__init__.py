@@ -35,8 +35,10 @@ quality columns      after the quality stage (only when spec.quality has checks)
                      every check, gated or not); rebalance reads them, publish writes the score columns
 rejects (any stage)  record_id: str|null, call_id: str, stage: str, reason: str, detail: str
                      (validate writes stage "parse" (unparseable, truncated, malformed_item), "schema"
-                     (schema_violation) and "select" (not_sampled, below_threshold); quality writes "quality"
-                     (failed_check, the failing checks with their scores in the detail)). A list answer cut short
+                     (schema_violation) and "select" (not_sampled, below_threshold); decontaminate writes stage
+                     "decontaminate" (ngram_overlap, embedding_neighbour; the detail names benchmark, item and
+                     score); quality writes "quality" (failed_check, the failing checks with their scores in the
+                     detail)). A list answer cut short
                      keeps the responses completed before the cut as records and still has its answer-level
                      "parse" row (record_id null) for the lost remainder; its detail says how many were salvaged
 embeddings           np.ndarray float32 (rows aligned with the records frame, L2-normalised)

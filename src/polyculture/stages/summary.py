@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.spec import BuildSpec, RebalanceSpec
+from polyculture.stages.decontaminate import DecontaminationResult
 from polyculture.stages.dedup import DedupResult
 from polyculture.stages.extract import ExtractResult
 from polyculture.stages.quality import QualityResult
@@ -23,8 +24,9 @@ EXACT_DUPLICATE_REASONS = ("exact_duplicate", "exact_in_reference")
 
 @dataclass(frozen=True)
 class Pool:
-    """Everything generated so far and what one pass of validate -> embed -> dedup -> quality -> extract -> rebalance
-    made of it (`quality` None: a build without quality checks, or one put together before the stage existed)."""
+    """Everything generated so far and what one pass of validate -> embed -> dedup -> decontaminate -> quality ->
+    extract -> rebalance made of it (`decontaminated` None: the stage is off; `quality` None: a build without quality
+    checks, or one put together before the stage existed)."""
 
     completions: pl.DataFrame
     validated: ValidationResult
@@ -33,6 +35,7 @@ class Pool:
     extracted: ExtractResult
     balanced: RebalanceResult
     quality: QualityResult | None = None
+    decontaminated: DecontaminationResult | None = None
 
     @property
     def short_records(self) -> int:
@@ -92,6 +95,7 @@ def build_counts(spec: BuildSpec, plans: Sequence[pl.DataFrame], pool: Pool) -> 
         "valid": records.height,
         "after_exact_dedup": records.height - exact_dups,
         "after_semantic_dedup": pool.deduped.kept.height,
+        **({"after_decontaminate": pool.decontaminated.kept.height} if pool.decontaminated is not None else {}),
         **({"after_quality": pool.quality.records.height} if spec.quality and pool.quality is not None else {}),
         **({"after_extract": pool.extracted.records.height} if spec.extract_attributes else {}),
         "final": pool.balanced.kept.height,
@@ -121,6 +125,8 @@ def build_usage(
 
 def all_rejects(pool: Pool) -> pl.DataFrame:
     """Every stage's rejects, in stage order."""
+    decontaminated = [pool.decontaminated.rejects] if pool.decontaminated is not None else []
     quality = [pool.quality.rejects] if pool.quality is not None else []
-    parts = [pool.validated.rejects, pool.deduped.rejects, *quality, pool.extracted.rejects, pool.balanced.rejects]
+    parts = [pool.validated.rejects, pool.deduped.rejects, *decontaminated, *quality, pool.extracted.rejects,
+             pool.balanced.rejects]  # fmt: skip
     return pl.concat(parts, how="vertical")
