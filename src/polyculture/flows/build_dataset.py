@@ -321,6 +321,7 @@ def _build(
             stop_reason=stopped,
             usage=usage | {"wall_seconds": round(time.perf_counter() - wall_started, 2)},
             reference=RecordSet(report_reference, reference_embeddings) if report_reference is not None else None,
+            quality=pool.quality if spec.quality else None,
         ),
         run_dir,
     )
