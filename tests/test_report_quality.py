@@ -14,6 +14,7 @@ from PIL import Image
 from test_report import VALIDATED_ROWS, make_spec, records
 
 from polyculture.report.card import render_card
+from polyculture.report.model import Report
 from polyculture.report.write import RecordSet, ReportInputs, write_report
 from polyculture.stages.quality import QualityResult, quality
 
@@ -65,7 +66,7 @@ def test_quality_stage_over_the_cache_gives_the_inputs_the_report_reads(tmp_path
 def test_report_quality_figures(tmp_path: Path) -> None:
     _, _, model, out_dir = build(tmp_path)
     report = json.loads((out_dir / "report.json").read_text())
-    assert report == model.to_dict()
+    assert report == model.to_dict() and Report.from_dict(report) == model  # the typed model reads it back
     q = report["quality"]
     # c0 and c2 pass both checks, of the 5 checked
     assert (q["checked"], q["passed"], q["pass_rate"]) == (5, 2, pytest.approx(0.4))
