@@ -330,3 +330,11 @@ def test_build_with_a_fluency_gate_rejects_and_publishes_scores(spec_dir, tmp_pa
     assert rejected.len() == gated.height and (rejected < threshold).all()
     card = (Path(result["dataset_dir"]) / "README.md").read_text()
     assert "`_quality_fluent` (fluency)" in card
+    # the report reads the same last pass: its threshold, what it checked and what passed
+    report = json.loads((run_dir / "report.json").read_text())["quality"]
+    fluent = report["checks"][0]
+    assert fluent["quantile"] == 0.3 and fluent["threshold"] == pytest.approx(threshold)
+    assert report["checked"] == fluent["checked"] == counts["after_semantic_dedup"]
+    assert fluent["passed"] == counts["after_quality"] and fluent["stages"]["after"]["pass_rate"] == 1.0
+    assert report["diversity"]["after"]["rows"] == counts["final"]  # gated only: every final record passes
+    assert "## Quality checks" in card and "| `fluent` | fluency | yes | quantile 0.3 of this run = " in card

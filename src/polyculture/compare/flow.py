@@ -1,8 +1,9 @@
 """compare_methods: run several prompting methods on one spec under the same generated-token budget, as Prefect tasks.
 
 One engine is loaded once and shared by every method. Per method: generate in rounds until the budget is spent ->
-validate -> embed -> metrics (compare.budget, compare.metrics and the stages they use); then comparison.json, comparison.md
-and comparison.png under <output root or publish.dir>/<dataset>/compare-<run-id>/. A method that cannot run (not
+validate -> embed -> the spec's quality checks (compare.quality: the same engine scores fluency, a quantile is
+resolved once over all methods) -> metrics (compare.budget, compare.metrics and the stages they use); then
+comparison.json, comparison.md and comparison.png under <output root or publish.dir>/<dataset>/compare-<run-id>/. A method that cannot run (not
 implemented, options that do not fit it, an error while it ran) is reported as failed; the others still run.
 Generation shards already in the folder are reused, so re-running with the same run id resumes.
 """
@@ -29,6 +30,7 @@ from polyculture.compare.budget import (
     validate_rounds,
 )
 from polyculture.compare.metrics import comparison_report, failed_method, method_metrics
+from polyculture.compare.quality import check_entries, shared_checks
 from polyculture.compare.render import write_comparison
 from polyculture.engines.base import Engine
 from polyculture.flows.common import embed_task, load_engine
@@ -37,6 +39,7 @@ from polyculture.preflight import load_spec
 from polyculture.runs.folders import new_run_id
 from polyculture.spec import BuildSpec
 from polyculture.stages.plan import plan
+from polyculture.stages.quality import ScoreCache, quality
 from polyculture.stages.validate import ValidationResult
 
 DEFAULT_BUDGET_TOKENS = 2000
@@ -60,9 +63,21 @@ def validate_task(spec: BuildSpec, generation: BudgetedGeneration, method: Metho
     return validate_rounds(spec, generation.rounds, method)
 
 
+@task(name="quality-scores", cache_policy=NONE)
+def score_task(
+    spec: BuildSpec, validated: ValidationResult, embeddings: np.ndarray, engine: Engine, known: ScoreCache
+) -> None:
+    """Fill `known` with every check's score of the method's valid records (verdicts wait for the shared thresholds)."""
+    quality(validated.records, embeddings, spec.quality, engine=engine, base_dir=spec.base_dir, known=known)
+
+
 @task(name="method-metrics", cache_policy=NONE)
 def metrics_task(
-    spec: BuildSpec, generation: BudgetedGeneration, validated: ValidationResult, embeddings: np.ndarray
+    spec: BuildSpec,
+    generation: BudgetedGeneration,
+    validated: ValidationResult,
+    embeddings: np.ndarray,
+    quality_scores: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     completions = generation.completions
     result = method_metrics(
@@ -75,6 +90,7 @@ def metrics_task(
         budget_tokens=generation.budget_tokens,
         rounds=len(generation.rounds),
         seed=spec.seed,
+        quality_scores=quality_scores,
     )
     return result | {"stop_reason": generation.stop_reason, "prompts": generation.prompts}
 
@@ -111,6 +127,8 @@ def compare_methods(
 
     cells = plan(spec)
     load_seconds = 0.0
+    # Per method that ran: what the metrics need, and its quality score cache (record ids repeat across methods).
+    ran: dict[str, tuple[BuildSpec, BudgetedGeneration, ValidationResult, np.ndarray, ScoreCache]] = {}
     if runnable:
         engine, load_seconds = load_engine(spec)
         try:
@@ -124,16 +142,34 @@ def compare_methods(
                     validated.records.write_parquet(method_dir / "validated.parquet")
                     validated.rejects.write_parquet(method_dir / "rejects.parquet")
                     embeddings = embed_task(spec_m, validated.records["text"].to_list())
-                    results[name] = metrics_task(spec_m, generation, validated, embeddings)
+                    known: ScoreCache = {}
+                    if spec.quality:
+                        score_task(spec_m, validated, embeddings, engine, known)
+                    ran[name] = (spec_m, generation, validated, embeddings, known)
                 except Exception as exc:  # one method's failure must not cost the others' results
                     results[name] = failed_method(name, f"{type(exc).__name__}: {exc}")
-                progress.report("methods", len(results), len(names), name)
+                progress.report("methods", len(results) + len(ran), len(names), name)
         finally:
             engine.close()
 
+    # Every method judged by the same thresholds, from its cached scores (no engine needed any more).
+    checks = shared_checks(spec.quality, [known for *_, known in ran.values()])
+    for name, (spec_m, generation, validated, embeddings, known) in ran.items():
+        try:
+            scores = None
+            if checks:
+                judged = quality(validated.records, embeddings, checks, base_dir=spec.base_dir, known=known)
+                scores = judged.scores
+            results[name] = metrics_task(spec_m, generation, validated, embeddings, scores)
+        except Exception as exc:
+            results[name] = failed_method(name, f"{type(exc).__name__}: {exc}")
+
     ordered = [results[name] for name in names]
     usage = {"engine_load_seconds": round(load_seconds, 2), "wall_seconds": round(time.perf_counter() - wall_started, 2)}
-    report = comparison_report(spec, ordered, run_id=run_id, budget_tokens=budget_tokens, usage=usage)
+    report = comparison_report(
+        spec, ordered, run_id=run_id, budget_tokens=budget_tokens, usage=usage,
+        quality_checks=check_entries(spec.quality, checks),
+    )  # fmt: skip
     report["run_dir"] = str(out_dir)
     write_comparison(report, out_dir)
     progress.report("report", 1, 1, str(out_dir / "comparison.md"))

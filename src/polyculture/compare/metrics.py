@@ -23,6 +23,11 @@ Metric definitions (all over the method's VALID records unless said otherwise):
   its share of the valid records).
 - calibration (VS methods): metrics.calibration over the valid records, keyed by the first field attribute's answer
   (or the normalised text when the spec has none); per-call raw sums are over the call's valid items.
+- quality (only when the spec has quality checks; `quality_scores` is stages.quality's scores frame over the method's
+  valid records): per check, checked (valid records), scored, passed, pass_rate (passed / checked: a record the check
+  could not score failed) and mean_score; counts.passing (valid records passing every check, gated or not) and
+  counts.unique_valid_passing (their distinct normalised texts); unique_valid_passing_per_1k_tokens: the latter per
+  1,000 generated tokens, the quality-diversity figure a method is judged by when quality matters.
 """
 
 from __future__ import annotations
@@ -59,9 +64,11 @@ def method_metrics(
     rounds: int | None = None,
     seed: int = 0,
     rouge_pairs: int = DEFAULT_MAX_PAIRS,
+    quality_scores: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """One method's figures (definitions in the module docstring). Frames follow the contracts in stages/__init__.py;
-    `completions` may carry `round`, `shard` and `batch_seconds` columns for timing."""
+    `completions` may carry `round`, `shard` and `batch_seconds` columns for timing; `quality_scores` (one row per
+    valid record and check: record_id, check, score, passed) adds the quality figures."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if records.height and (embeddings.ndim != 2 or embeddings.shape[0] != records.height):
         raise ValueError(f"{method}: {records.height} records but embeddings of shape {embeddings.shape}")
@@ -125,7 +132,39 @@ def method_metrics(
             records["verbalized_probability"].to_list(),
             max_values=CALIBRATION_VALUES,
         )
+    if quality_scores is not None:
+        result |= _quality(records, texts, quality_scores, tokens_used)
+        result["counts"] |= result.pop("quality_counts")
     return result
+
+
+def _quality(records: pl.DataFrame, texts: list[str], scores: pl.DataFrame, tokens_used: int) -> dict[str, Any]:
+    ids = records["record_id"].cast(pl.String).to_list() if records.height else []
+    unknown = set(scores["record_id"].to_list()) - set(ids)
+    if unknown:  # scores of other records would count toward this method's pass rates
+        raise ValueError(f"quality_scores: record ids not among the valid records, e.g. {sorted(unknown)[:3]}")
+    checks: dict[str, Any] = {}
+    for name in dict.fromkeys(scores["check"].to_list()):
+        rows = scores.filter(pl.col("check") == name)
+        passed, values = int(rows["passed"].sum()), rows["score"].drop_nulls()
+        checks[name] = {
+            "checked": rows.height,
+            "scored": values.len(),
+            "passed": passed,
+            "pass_rate": passed / rows.height if rows.height else None,
+            "mean_score": float(values.mean()) if values.len() else None,  # type: ignore[arg-type]
+        }
+    failed = set(scores.filter(~pl.col("passed"))["record_id"].to_list())
+    checked = set(scores["record_id"].to_list())
+    # A valid record no check ran on has not passed them: only records every check passed count.
+    passing = [t for i, t in zip(ids, texts, strict=True) if i in checked and i not in failed]
+    unique = len({normalize_text(t) for t in passing})
+    return {
+        "quality": checks,
+        "quality_counts": {"passing": len(passing), "unique_valid_passing": unique},
+        "passing_rate": len(passing) / len(ids) if ids else None,
+        "unique_valid_passing_per_1k_tokens": 1000.0 * unique / tokens_used if tokens_used else None,
+    }
 
 
 def _distinct(texts: Sequence[str], n: int) -> float | None:
@@ -158,8 +197,11 @@ def comparison_report(
     run_id: str,
     budget_tokens: int,
     usage: dict[str, Any] | None = None,
+    quality_checks: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The whole comparison as strict-JSON-ready data (NaN/inf become None)."""
+    """The whole comparison as strict-JSON-ready data (NaN/inf become None); `quality_checks` describe the checks
+    every method was judged by (compare.quality.check_entries: a quantile resolved to one threshold for all)."""
+    quality = {"quality_checks": list(quality_checks)} if quality_checks else {}
     return jsonable(
         {
             "dataset": spec.name,
@@ -172,8 +214,10 @@ def comparison_report(
             "seed": spec.seed,
             "budget_tokens": budget_tokens,
             "answer_sets": {a.name: len(a.values) for a in spec.field_attributes},
+            **quality,
             "methods": list(results),
             "failed": {r["method"]: r["error"] for r in results if r.get("status") == "failed"},
             "usage": dict(usage or {}),
         }
     )
+

@@ -59,6 +59,7 @@ def summary_columns(report: dict[str, Any]) -> list[Column]:
         Column(
             "unique_per_1k", "unique valid / 1k tok", lambda r: r["unique_valid_per_1k_tokens"], "{:.1f}", tags=("chart",)
         ),
+        *_quality_columns(report),
         Column("semantic", "semantic div.", lambda r: r["semantic_diversity"], "{:.1f}", "0-100, higher is more diverse",
                tags=("chart",)),  # fmt: skip
         Column("distinct_1", "distinct-1", lambda r: r["distinct_1"], tags=("chart-text",)),
@@ -83,6 +84,34 @@ def summary_columns(report: dict[str, Any]) -> list[Column]:
                "{:.2f}"),  # fmt: skip
     ]
     return columns
+
+
+def _quality_columns(report: dict[str, Any]) -> list[Column]:
+    """With quality checks: each check's pass rate, the records passing every check, and the unique ones among them
+    per 1k generated tokens (beside unique valid / 1k tok: the quality-diversity trade-off)."""
+    checks = report.get("quality_checks") or []
+    if not checks:
+        return []
+    columns = [
+        Column(f"quality.{c['name']}", f"{c['name']}: pass rate", lambda r, n=c["name"]: r["quality"][n]["pass_rate"],
+               "{:.0%}", f"{c['name']}: {_check_cut(c)}")  # fmt: skip
+        for c in checks
+    ]
+    return columns + [
+        Column("passing", "passing records", lambda r: r["counts"]["passing"], "{:,}", "valid records passing every check"),
+        Column("unique_passing_per_1k", "unique valid passing / 1k tok",
+               lambda r: r["unique_valid_passing_per_1k_tokens"], "{:.1f}", tags=("chart",)),  # fmt: skip
+    ]
+
+
+def _check_cut(check: dict[str, Any]) -> str:
+    if check.get("quantile") is not None and check.get("threshold") is None:
+        return f"{check['kind']}, quantile {check['quantile']:g} (nothing scored)"
+    if check.get("quantile") is not None:
+        return f"{check['kind']}, quantile {check['quantile']:g} of all methods' scores = {check['threshold']:.3f}"
+    if check.get("threshold") is not None:
+        return f"{check['kind']}, score >= {check['threshold']:g}"
+    return f"{check['kind']}, its own verdict"
 
 
 def _top(answers: dict[str, Any]) -> str | None:

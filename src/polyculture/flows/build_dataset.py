@@ -347,6 +347,7 @@ def _build(
             usage=usage | {"wall_seconds": round(time.perf_counter() - wall_started, 2)},
             reference=RecordSet(report_reference, reference_embeddings) if report_reference is not None else None,
             contamination=pool.decontaminated.table() if pool.decontaminated is not None else None,
+            quality=pool.quality if spec.quality else None,
         ),
         run_dir,
     )

@@ -1,5 +1,6 @@
-"""The dataset card's body (templates/card.md.j2): how the dataset was made, its headline and per-stage figures, its
-columns, the build spec and the report itself. stages.publish puts it under the card's YAML metadata."""
+"""The dataset card's body (templates/card.md.j2): how the dataset was made, its headline and per-stage figures, the
+quality checks (kind, threshold, pass rates) when the spec has any, its columns, the build spec and the report
+itself. stages.publish puts it under the card's YAML metadata."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def render_card(report: Report, spec: BuildSpec, fields: Sequence[str], rows: in
         rows=rows,
         fields=list(fields),
         fingerprint=spec.fingerprint(),
-        headline=[(f.name, getattr(report.headline, f.name)) for f in dataclasses.fields(report.headline)],
+        headline=_headline_rows(report),
         diversity=stages,
         metrics=metrics,
         spec_yaml=_fenced(
@@ -46,6 +47,21 @@ def render_card(report: Report, spec: BuildSpec, fields: Sequence[str], rows: in
         report_md=_demote_headings(report_md).strip(),
     )
     return text.removesuffix("\n")
+
+
+def _headline_rows(report: Report) -> list[tuple[str, object]]:
+    """(name, value) per headline figure: a figure only some builds have is left out when absent, and one given per
+    quality check becomes a row per check."""
+    rows: list[tuple[str, object]] = []
+    for f in dataclasses.fields(report.headline):
+        value = getattr(report.headline, f.name)
+        if value is None and f.metadata.get("omit_none"):
+            continue
+        if isinstance(value, dict):
+            rows += [(f"{f.name}: {check}", v) for check, v in value.items()]
+        else:
+            rows.append((f.name, value))
+    return rows
 
 
 def _is_figure(value: object) -> bool:

@@ -29,6 +29,7 @@ ZERO_WIDTH_SPACE = "\u200b"
 def render_html(report: Report, out_dir: Path) -> str:
     """The page for `report`; its figures are read from out_dir/plots and inlined."""
     stages = report.diversity.measured()
+    checks = report.quality.checks if report.quality else ()
     return render(
         "report.html.j2",
         html=True,
@@ -37,6 +38,7 @@ def render_html(report: Report, out_dir: Path) -> str:
         stages=stages,
         diversity_rows=_diversity_rows(stages),
         attribute_images={name: _data_uri(out_dir, path) for name, path in report.plots.items()},
+        quality_images={c.name: _data_uri(out_dir, c.histogram) for c in checks},
         figures={
             "similarity": _data_uri(out_dir, report.figures.similarity),
             "embedding_map": _data_uri(out_dir, report.figures.embedding_map),

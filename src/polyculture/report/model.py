@@ -6,7 +6,10 @@ cleaned as a value is built, `to_dict` / `from_dict`). `Report.to_dict()` is the
 its text; `Report.from_dict(data)` reads it back.
 
 Stages: `before` is the validated records, `after_dedup` the deduplicated pool rebalancing chose from (None when the
-report was given no pool), `after` the final records (`STAGES` holds their labels).
+report was given no pool), `after` the final records (`STAGES` holds their labels). `Report.quality` is present only
+when the spec has quality checks.
+
+Size: one module holds every type of report.json, so the file's whole shape reads in one place.
 """
 
 from __future__ import annotations
@@ -338,6 +341,83 @@ class Contamination(Model):
     fields: tuple[str, ...] | None
     rejected: int  # records rejected by the stage (a record flagged by several benchmarks counts once)
     benchmarks: tuple[BenchmarkContamination, ...]
+# ---- quality (stages.quality's checks) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSummary(Model):
+    """One check over one stage's records that it checked (validated records dedup removed were never checked)."""
+
+    checked: int
+    passed: int
+    pass_rate: float | None
+    mean_score: float | None  # over the records it could score
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSummaries(_ByStage):
+    before: ScoreSummary
+    after_dedup: ScoreSummary | None
+    after: ScoreSummary
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellQuality(Model):
+    checked: int
+    passed: int
+    pass_rate: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoredExample(Model):
+    record_id: str
+    cell_key: str | None
+    score: float
+    passed: bool
+    text: str  # clipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityCheckFigures(Model):
+    """One check over every record it checked: pass rate (a record it could not score failed), by cell and by stage,
+    and its lowest- and highest-scored records."""
+
+    name: str
+    kind: str
+    gate: bool
+    quantile: float | None  # a relative fluency cut; `threshold` is then its value over this run's scores
+    threshold: float | None  # the cut used (None: the check gives its own verdict)
+    checked: int
+    scored: int
+    passed: int
+    pass_rate: float | None
+    stages: ScoreSummaries
+    by_cell: dict[str, CellQuality]
+    lowest: tuple[ScoredExample, ...]
+    highest: tuple[ScoredExample, ...]
+    histogram: str | None  # plot path, relative to the report's folder
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityDiversity(_ByStage):
+    """Each stage's diversity figures over its records that passed every check."""
+
+    before: StageFigures
+    after_dedup: StageFigures | None
+    after: StageFigures
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quality(Model):
+    checked: int  # records the checks ran on (validated and deduplicated)
+    passed: int  # of those, passing every check (gated or not)
+    pass_rate: float | None
+    checks: tuple[QualityCheckFigures, ...]
+    diversity: QualityDiversity
+
+    def cells(self) -> list[str]:
+        """Every cell some check counted, sorted (the rows of the pass-rate-by-cell table)."""
+        return sorted({cell for check in self.checks for cell in check.by_cell})
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
@@ -370,6 +450,12 @@ class Headline(Model):
     rejects: int
     short_cells: int
     parse_failure_rate: float
+    # With quality checks only: the share of checked records passing every check, the share of final records that
+    # do, and each check's mean score over the validated records it scored and over the final records.
+    quality_pass_rate: float | None = field(default=None, metadata=OMIT_NONE)
+    quality_pass_rate_after: float | None = field(default=None, metadata=OMIT_NONE)
+    quality_mean_score_before: dict[str, float | None] | None = field(default=None, metadata=OMIT_NONE)
+    quality_mean_score_after: dict[str, float | None] | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,6 +485,7 @@ class Report(Model):
     sample: Sample
     attributes: dict[str, AttributeFigures]
     monoculture: Monoculture | None
+    quality: Quality | None = field(default=None, metadata=OMIT_NONE)
     rejects: Rejects
     short_cells: tuple[ShortCell, ...]
     rebalance: Rebalance

@@ -3,6 +3,8 @@ worker threads and without a display) and saved as PNG under the run's plots/ fo
 
 - attribute_<name>.png: target share vs the share among validated, deduplicated and final records, per value.
 - similarity.png: histogram of each record's nearest-neighbour cosine similarity, per stage (and the reference).
+- quality_<check>.png: histogram of a quality check's scores over the records it checked and over the final records,
+  with the threshold it used.
 - embedding_map.png: a 2-D PCA or t-SNE map of the validated records, coloured by what happened to each (dropped by
   dedup, cut by rebalancing, kept), and the kept records coloured by the first attribute.
 """
@@ -113,6 +115,38 @@ def plot_similarity(by_stage: dict[str, np.ndarray], plots_dir: Path, *, thresho
     ax.legend(frameon=False, fontsize=8, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, plots_dir, "similarity.png")
+
+
+def plot_quality_scores(
+    name: str, checked: Sequence[float], final: Sequence[float], threshold: float | None, plots_dir: Path
+) -> str | None:
+    """Score histograms of one check: the records it checked and the final ones (shares, so both compare), with its
+    threshold; None when nothing was scored."""
+    if not checked:
+        return None
+    fig = _figure(7.0, 3.6)
+    ax = fig.subplots()
+    values = [float(v) for v in checked] + [float(v) for v in final]
+    low, high = min(values), max(values)
+    bins = np.linspace(low, high, 31) if high > low else np.array([low - 0.5, low + 0.5])
+    sides = (("scored", checked, STAGE_COLOURS["validated"]), ("final", final, STAGE_COLOURS["final"]))
+    for label, scores, colour in sides:
+        if len(scores):
+            weights = np.full(len(scores), 1.0 / len(scores))
+            ax.hist(scores, bins=bins, weights=weights, histtype="step", linewidth=1.8, color=colour,
+                    label=f"{label} (n={len(scores)})")  # fmt: skip
+            ax.hist(scores, bins=bins, weights=weights, histtype="stepfilled", alpha=0.12, color=colour)
+    if threshold is not None:
+        ax.axvline(threshold, color="#333333", linestyle="--", linewidth=1)
+        ax.annotate(f"threshold {threshold:.3g}", (threshold, 0.97), xycoords=("data", "axes fraction"),
+                    ha="right", va="top", fontsize=8, xytext=(-4, 0), textcoords="offset points")  # fmt: skip
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel(f"score of quality check '{name}' (higher passes)")
+    ax.set_ylabel("share of records")
+    ax.set_title(f"Quality scores: {name}")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, plots_dir, f"quality_{name}.png")
 
 
 def project_2d(vectors: np.ndarray, method: str, seed: int) -> np.ndarray | None:

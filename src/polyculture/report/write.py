@@ -2,7 +2,8 @@
 
 Computes diversity at each stage (validated -> after dedup -> final; report.diversity), attribute targets against what
 was kept (report.attributes), a reference dataset's dispersion (report.monoculture), rejects and short cells
-(report.rejects), then writes under the run folder:
+(report.rejects), what the quality checks found when the spec has any (report.quality), then writes under the run
+folder:
 - report.json: `Report.to_json()` (strict JSON: no NaN/inf);
 - report.md: for people, embedded in the dataset card (report.markdown);
 - report.html: the same, self-contained: inline CSS, figures as data URIs, nothing fetched (report.html);
@@ -34,6 +35,7 @@ from polyculture.report.model import (
     Generation,
     Headline,
     Marginal,
+    Quality,
     Rebalance,
     Report,
     Round,
@@ -41,9 +43,11 @@ from polyculture.report.model import (
 )
 from polyculture.report.monoculture import monoculture
 from polyculture.report.plots import plot_attribute, plot_similarity
+from polyculture.report.quality import passing_share, quality_figures
 from polyculture.report.rejects import failed_calls, reject_groups, rejects_or_empty, short_cells
 from polyculture.runs.files import write_text_atomic
 from polyculture.spec import BuildSpec
+from polyculture.stages.quality import QualityResult
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class ReportInputs:
     - reference: `report.reference_dataset.load_report_reference(spec)` (a `text` column plus attribute columns) with
       its texts embedded by the build's embedder (embeddings may be None: then only attributes are compared).
     - contamination: the decontaminate stage's table (`DecontaminationResult.table()`); None when the stage is off.
+    - quality: the quality stage's last pass (its `scores` and `counts` are read), when the spec has checks.
     """
 
     run_id: str
@@ -82,6 +87,7 @@ class ReportInputs:
     stop_reason: str | None = None
     reference: RecordSet | None = None
     contamination: Sequence[Mapping[str, Any]] | None = None
+    quality: QualityResult | None = None
 
 
 def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report:
@@ -113,6 +119,11 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         similarity=plot_similarity(nearest, plots_dir, threshold=spec.dedup.threshold),
         embedding_map=embedding_map(spec, frames, reference, reference_embeddings, plots_dir),
     )
+    quality = None
+    if spec.quality:
+        if inputs.quality is None:
+            raise ValueError("ReportInputs.quality: the spec has quality checks but the report was given no scores")
+        quality = quality_figures(spec, inputs.quality, frames, diversity, plots_dir)
     before, after = diversity.before, diversity.after
     report = Report(
         dataset=spec.name,
@@ -140,12 +151,14 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
             rejects=int(rejects.height),
             short_cells=len(short),
             parse_failure_rate=failed_calls(rejects) / completions if completions else 0.0,
+            **(_quality_headline(quality, final, inputs.quality) if quality and inputs.quality else {}),
         ),
         counts={str(k): int(v) for k, v in inputs.counts.items()},
         diversity=diversity,
         sample=Sample(records=spec.report.sample, map=spec.report.map, seed=spec.seed),
         attributes=attributes,
         monoculture=mono,
+        quality=quality,
         rejects=reject_groups(rejects),
         short_cells=short,
         rebalance=_rebalance(spec, inputs),
@@ -173,6 +186,15 @@ def _contamination(spec: BuildSpec, inputs: ReportInputs, rejects: pl.DataFrame)
         rejected=int(rejects.filter(pl.col("stage") == "decontaminate").height),
         benchmarks=tuple(BenchmarkContamination.from_dict(row) for row in inputs.contamination),
     )
+
+
+def _quality_headline(quality: Quality, final: pl.DataFrame, result: QualityResult) -> dict[str, Any]:
+    return {
+        "quality_pass_rate": quality.pass_rate,
+        "quality_pass_rate_after": passing_share(final, result),
+        "quality_mean_score_before": {c.name: c.stages.before.mean_score for c in quality.checks},
+        "quality_mean_score_after": {c.name: c.stages.after.mean_score for c in quality.checks},
+    }
 
 
 def _pair(records: RecordSet) -> tuple[pl.DataFrame, np.ndarray | None]:
