@@ -778,3 +778,19 @@ def test_one_url_in_a_list_is_one_server(fake_servers):
         assert eng.base_url == only.url and eng.server_states()[0]["skipped"] is False
     finally:
         eng.close()
+
+
+def test_an_answer_that_cannot_be_used_is_retried_like_a_5xx(fake_servers, caplog):
+    caplog.set_level("WARNING")
+    only = fake_servers("only")
+    only.script = [("status", 200, "no choices here")]  # 200, but {"error": ...}: no `choices` to read
+    eng = OpenAIEngine(MODEL, base_url=only.url, max_retries=1, backoff_base=0.01)
+    try:
+        out = eng.generate(_conversations(1), SHORT)
+        assert out[0][0].text == "conversation 0 #0 via only" and len(only.chats) == 2
+        assert "HTTP 200 with an unusable answer: no choices, expected 1; retry 1/1" in caplog.text
+        only.script = [("status", 200, "still none")] * 2  # retries spent: an error naming the server, not a crash
+        with pytest.raises(EngineError, match=r"failed after 2 attempt\(s\); last error: HTTP 200 with an unusable"):
+            eng.generate(_conversations(1), SHORT)
+    finally:
+        eng.close()
