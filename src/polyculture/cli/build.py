@@ -26,7 +26,10 @@ def build(
         Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")
     ] = None,
     new_run: Annotated[
-        bool, typer.Option("--new-run", help="Start a new run even when an unfinished run of this spec exists.")
+        bool,
+        typer.Option(
+            "--new-run", help="Start a new run even when an unfinished run of this spec exists or is being built."
+        ),
     ] = False,
     runner: Annotated[
         str | None,
@@ -44,8 +47,10 @@ def build(
 ) -> None:
     """Run the whole pipeline for SPEC and print where the dataset and its report are.
 
-    A build that died (crash, kill -9) resumes when the same command runs again: finished shards are reused,
-    and each shard samples from its own seed, so the result equals an uninterrupted run (transformers, vllm).
+    A build that died (crash, kill -9) or stopped (a server gone: exit 3, the message says so) resumes when the same
+    command runs again: finished shards are reused, and each shard samples from its own seed, so the result equals
+    an uninterrupted run (transformers, vllm). While another build of the same spec runs, the command is refused
+    (exit 2, naming its run folder and holder) unless --new-run.
     """
     from polyculture import progress
     from polyculture.preflight import check_models, load_spec
