@@ -65,6 +65,7 @@ def build(
         hub_preflight(hub)  # a bad token or a repo we cannot write fails now, not after the generation
     import httpx
 
+    _check_prefect_api()
     from polyculture.flows.build_dataset import build_dataset
 
     bar = progress_bar(quiet, label_width=10)
@@ -85,6 +86,26 @@ def build(
     _show(result, spec.name, as_json)
     if api_lost is not None:
         _exit_now(0)
+
+
+def _check_prefect_api() -> None:
+    """A configured Prefect API that does not answer fails now (exit 3), before a run folder is made: Prefect would
+    raise a RuntimeError with its traceback when the flow starts."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return  # a temporary local server starts with the flow
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        fail(
+            f"cannot reach the Prefect API at PREFECT_API_URL={api} ({problem}): start it (`prefect server start`) "
+            "or unset PREFECT_API_URL to use a temporary local one",
+            3,
+        )
 
 
 def _after_prefect_api_lost(exc: Exception) -> dict[str, Any]:
