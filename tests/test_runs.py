@@ -57,3 +57,23 @@ def test_a_folder_of_another_spec_is_refused(spec_dir, tmp_path):
     with pytest.raises(RunBusy, match="different spec"):
         with hold_run(run_dir, _spec(spec_dir, target_size=5)):
             pass
+
+
+def test_a_build_picking_its_run_is_refused_while_a_live_build_of_the_spec_holds_one(spec_dir, tmp_path):
+    from polyculture.runs.folders import hold_build_run, lock_holder
+
+    spec, other = _spec(spec_dir), _spec(spec_dir, seed=99)
+    root = tmp_path / "runs"
+    with hold_build_run(root, spec, build="the first build") as (live, resumed):
+        assert resumed is False
+        assert "the first build" in lock_holder(live)
+        with pytest.raises(RunBusy, match="already running in") as info:
+            with hold_build_run(root, spec):
+                pass
+        assert str(live) in str(info.value) and "the first build" in str(info.value) and "--new-run" in str(info.value)
+        with hold_build_run(root, spec, resume=False) as (beside, _):  # a new run on purpose: its own folder
+            assert beside != live and beside.parent == root
+        with hold_build_run(root, other) as (others, _):  # another spec of the dataset is not in the way
+            assert others not in (live, beside)
+    with hold_build_run(root, spec) as (again, resumed):  # the live one has gone: the newest dead run is resumed
+        assert again == beside and resumed is True

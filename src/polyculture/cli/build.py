@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
 
-from polyculture.cli.display import RichReporter, progress_bar, stdout, write_json
+from polyculture.cli.display import RichReporter, err, progress_bar, stdout, write_json
 from polyculture.cli.errors import fail
 from polyculture.cli.options import JsonOpt, QuietOpt, SpecArg
 
@@ -23,7 +26,10 @@ def build(
         Path | None, typer.Option(help="Root for run folders (default: the spec's publish.dir).")
     ] = None,
     new_run: Annotated[
-        bool, typer.Option("--new-run", help="Start a new run even when an unfinished run of this spec exists.")
+        bool,
+        typer.Option(
+            "--new-run", help="Start a new run even when an unfinished run of this spec exists or is being built."
+        ),
     ] = False,
     runner: Annotated[
         str | None,
@@ -41,8 +47,10 @@ def build(
 ) -> None:
     """Run the whole pipeline for SPEC and print where the dataset and its report are.
 
-    A build that died (crash, kill -9) resumes when the same command runs again: finished shards are reused,
-    and each shard samples from its own seed, so the result equals an uninterrupted run (transformers, vllm).
+    A build that died (crash, kill -9) or stopped (a server gone: exit 3, the message says so) resumes when the same
+    command runs again: finished shards are reused, and each shard samples from its own seed, so the result equals
+    an uninterrupted run (transformers, vllm). While another build of the same spec runs, the command is refused
+    (exit 2, naming its run folder and holder) unless --new-run.
     """
     from polyculture import progress
     from polyculture.preflight import check_models, load_spec
@@ -55,21 +63,90 @@ def build(
         from polyculture.hub.push import preflight as hub_preflight
 
         hub_preflight(hub)  # a bad token or a repo we cannot write fails now, not after the generation
+    import httpx
+
+    _check_prefect_api()
     from polyculture.flows.build_dataset import build_dataset
 
     bar = progress_bar(quiet, label_width=10)
+    api_lost: httpx.HTTPError | None = None
     with bar, progress.reporting(RichReporter(bar)):
-        result = build_dataset(
-            str(spec_path),
-            run_id=run_id,
-            output_root=str(output_dir) if output_dir else None,
-            resume=not new_run,
-            runner=runner_choice,
+        try:
+            result = build_dataset(
+                str(spec_path),
+                run_id=run_id,
+                output_root=str(output_dir) if output_dir else None,
+                resume=not new_run,
+                runner=runner_choice,
+            )
+        except httpx.HTTPError as exc:  # only Prefect's client lets these out: engines and the Hub wrap their own
+            api_lost = exc
+    if api_lost is not None:
+        result = _after_prefect_api_lost(api_lost)
+    _show(result, spec.name, as_json)
+    if api_lost is not None:
+        _exit_now(0)
+
+
+def _check_prefect_api() -> None:
+    """A configured Prefect API that does not answer fails now (exit 3), before a run folder is made: Prefect would
+    raise a RuntimeError with its traceback when the flow starts."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return  # a temporary local server starts with the flow
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        fail(
+            f"cannot reach the Prefect API at PREFECT_API_URL={api} ({problem}): start it (`prefect server start`) "
+            "or unset PREFECT_API_URL to use a temporary local one",
+            3,
         )
+
+
+def _after_prefect_api_lost(exc: Exception) -> dict[str, Any]:
+    """The finished build's result when the Prefect API went away but the build got to its end; else fail (exit 3)
+    saying how to resume."""
+    from prefect.settings import PREFECT_API_URL
+
+    from polyculture.flows.build_dataset import resume_hint
+    from polyculture.runs.folders import RESULT_FILE, last_held_run
+
+    api = PREFECT_API_URL.value() or "(a temporary local server)"
+    run_dir = last_held_run()
+    lost = f"the Prefect API at {api} went away during the build ({type(exc).__name__}: {exc})"
+    if run_dir is None:
+        err.print(f"[bold red]error:[/] cannot reach the Prefect API at {api} ({type(exc).__name__}: {exc}): start it "
+                  "(`prefect server start`) or unset PREFECT_API_URL to use a temporary local one",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+        _exit_now(3)
+    if not (run_dir / RESULT_FILE).is_file():
+        err.print(f"[bold red]error:[/] {lost}; {resume_hint(run_dir)}, with the server back or without "
+                  "PREFECT_API_URL (a temporary local server)", highlight=False, soft_wrap=True)  # fmt: skip
+        _exit_now(3)
+    err.print(f"[yellow]warning:[/] {lost}; the build finished all the same, but its flow run on that server is not "
+              "marked completed", highlight=False, soft_wrap=True)  # fmt: skip
+    return json.loads((run_dir / RESULT_FILE).read_text())
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's exit hooks: with its API gone, Prefect's exit hook tries to send every queued
+    event (about 8 s each, ten reconnects), minutes for a small build and hours for a large one. Nothing of ours is
+    left to flush: the run folder's files are written and synced, and its lock goes with the process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _show(result: dict[str, Any], dataset: str, as_json: bool) -> None:
     if as_json:
         write_json(result)
         return
-    table = Table(title=f"{spec.name}: {result['records']} records (target {result['target_size']})", show_header=False)
+    table = Table(title=f"{dataset}: {result['records']} records (target {result['target_size']})", show_header=False)
     for stage, count in result["counts"].items():
         table.add_row(stage, str(count))
     usage = result["usage"]

@@ -7,11 +7,16 @@ rejected, 5 no write access, 6 unreachable, 7 already published or the repo move
 The table names each exception class by the module that defines it, so it imports nothing: a command's own lazy
 imports stay lazy (`--help` and `schema` never load Prefect or torch). The most specific class of an exception's MRO
 that the table lists decides; an exception the table does not list is a bug and keeps its traceback.
+
+Prefect logs every failed task and flow run with its traceback: for a failure the command reports in one line of its
+own, those tracebacks are screens of noise, so they are dropped (the log lines stay). A Prefect API that went away
+makes Prefect log the same two lines for every event it cannot send: the first of each is kept.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import NoReturn, ParamSpec, TypeVar
 
@@ -38,17 +43,66 @@ EXIT_CODES: dict[str, int] = {
     "polyculture.hub.push.HubError": 8,
 }
 
+# Reported by the command that meets them (the build: a Prefect API that went away), not through the table.
+REPORTED_BY_COMMAND = {"httpx.HTTPError"}
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _class_names(exc: BaseException) -> list[str]:
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__]
+
+
 def exit_code_for(exc: BaseException) -> int | None:
     """The exit code the table gives `exc` (None: not a failure the commands report, let it raise)."""
-    for cls in type(exc).__mro__:
-        code = EXIT_CODES.get(f"{cls.__module__}.{cls.__qualname__}")
+    for name in _class_names(exc):
+        code = EXIT_CODES.get(name)
         if code is not None:
             return code
     return None
+
+
+class _ReportedFailureTracebacks(logging.Filter):
+    """Drops the traceback of a Prefect run log line whose exception the command reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (exit_code_for(exc) is not None or REPORTED_BY_COMMAND & set(_class_names(exc))):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class _FirstOnly(logging.Filter):
+    """Lets the first record of a logger through and drops the rest that start like it."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.start):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def quiet_prefect_noise() -> None:
+    """Install the filters the module docstring describes (once per process; loggers need not exist yet)."""
+    runs = _ReportedFailureTracebacks()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedFailureTracebacks) for f in logger.filters):
+            logger.addFilter(runs)
+    for name, start in (("prefect.events.clients", "Unable to connect to"),
+                        ("prefect._internal.concurrency", "Service 'EventsWorker' failed")):  # fmt: skip
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+            logger.addFilter(_FirstOnly(start))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -61,6 +115,7 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        quiet_prefect_noise()
         try:
             return command(*args, **kwargs)
         except Exception as exc:

@@ -210,15 +210,13 @@ class OpenAIEngine:
     async def _generate_one(
         self, conversation: Conversation, params: SamplingParams, json_schema: dict[str, Any] | None
     ) -> list[Completion]:
-        data, server = await self._pool.request(
-            "POST", "/chat/completions", lambda s: self._payload(conversation, params, json_schema, s.is_vllm)
+        data, _ = await self._pool.request(
+            "POST",
+            "/chat/completions",
+            lambda s: self._payload(conversation, params, json_schema, s.is_vllm),
+            check=lambda answer: _choices_problem(answer, params.n),  # a bad answer is retried, not used
         )
-        url = f"{server.url}/chat/completions"
-        choices = data.get("choices")
-        if not isinstance(choices, list) or len(choices) != params.n:
-            got = len(choices) if isinstance(choices, list) else "no"
-            raise EngineError(f"POST {url} returned {got} choices, expected {params.n}")
-        choices = sorted(choices, key=lambda c: c.get("index", 0))
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         texts = [((c.get("message") or {}).get("content") or "") for c in choices]
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -286,6 +284,17 @@ class OpenAIEngine:
             self.close()
         except Exception:
             pass
+
+
+def _choices_problem(answer: dict[str, Any], n: int) -> str | None:
+    """What makes a chat answer unusable (None: it holds n choice objects)."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or len(choices) != n:
+        got = len(choices) if isinstance(choices, list) else "no"
+        return f"{got} choices, expected {n}"
+    if not all(isinstance(c, dict) for c in choices):
+        return "a choice that is not a JSON object"
+    return None
 
 
 def _schema_name(schema: dict[str, Any]) -> str:

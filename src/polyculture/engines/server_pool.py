@@ -12,7 +12,10 @@
 - Each attempt is bounded by `request_timeout` seconds (the whole request, not only each read). Connection errors,
   timeouts, HTTP 429 and 5xx are retried `max_retries` times (every attempt counts, on whichever server) with
   exponential backoff and jitter (a Retry-After header is honoured, capped, when retrying on the server that sent it);
-  any other 4xx fails at once. What still fails raises EngineError naming the URL and the last error.
+  any other 4xx fails at once. So is a 2xx answer that cannot be used (a body that is not JSON or is cut short, or
+  one the caller's `check` refuses, e.g. without `choices`): a glitch of the server or of a proxy on the way, which
+  counts against the server's health like a 5xx. What still fails raises EngineError naming the URL and the last
+  error.
 - The API key is sent as a bearer token and never written into an error message or a log line (`scrub`).
 
 The pool's state is read and written only on the one event loop that runs its coroutines (`open` included).
@@ -51,8 +54,12 @@ class _Throttled(_RetryableError):
     """HTTP 429: the server is busy, not unwell; it does not count towards skipping it."""
 
 
+class _Malformed(_RetryableError):
+    """A 2xx answer that cannot be used: not JSON, cut short, or refused by the caller's check."""
+
+
 class _FatalError(Exception):
-    """An attempt that failed in a way no retry can fix (a 4xx other than 429, a malformed answer)."""
+    """An attempt that failed in a way no retry can fix (a 4xx other than 429)."""
 
 
 @dataclass(eq=False)
@@ -147,9 +154,16 @@ class ServerPool:
 
     # -- requests --------------------------------------------------------------------------------------------------
 
-    async def request(self, method: str, path: str, payload_for: Callable[[Server], Payload]) -> tuple[Payload, Server]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        payload_for: Callable[[Server], Payload],
+        check: Callable[[Payload], str | None] | None = None,
+    ) -> tuple[Payload, Server]:
         """One request on whichever server has room (its payload may depend on the server); retried on another server
-        at once, or with backoff when every usable server has failed it. Returns the answer and who gave it."""
+        at once, or with backoff when every usable server has failed it. `check` says what is wrong with an answer
+        (None: usable); a refused answer is retried like a 5xx. Returns the answer and who gave it."""
         retries = self.max_retries
         attempt = 0
         backoffs = 0
@@ -163,6 +177,9 @@ class ServerPool:
             failure: _RetryableError | None = None
             try:
                 data = await self._attempt(method, url, payload_for(server))
+                problem = check(data) if check is not None else None
+                if problem is not None:
+                    raise _Malformed(f"HTTP 200 with an unusable answer: {problem}")
                 server.answered += 1
                 return data, server
             except _FatalError as exc:  # the server answered: the request is at fault, not the server
@@ -237,11 +254,11 @@ class ServerPool:
         try:
             data = response.json()
         except ValueError:
-            raise _FatalError(
+            raise _Malformed(
                 f"HTTP {response.status_code} with a body that is not JSON: {_body_excerpt(response)}"
             ) from None
         if not isinstance(data, dict):
-            raise _FatalError(f"HTTP {response.status_code} with unexpected JSON: {_body_excerpt(response)}")
+            raise _Malformed(f"HTTP {response.status_code} with unexpected JSON: {_body_excerpt(response)}")
         return data
 
     def _backoff_delay(self, attempt: int, retry_after: float | None) -> float:

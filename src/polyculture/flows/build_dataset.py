@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import TaskRunner
 
 from polyculture import progress
-from polyculture.engines.base import Engine
+from polyculture.engines.base import Engine, EngineError
 from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
 from polyculture.flows.runners import task_runner_for
 from polyculture.flows.shards import prefect_shards
@@ -35,7 +35,7 @@ from polyculture.report.model import Round
 from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
 from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked, write_text_atomic
-from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
+from polyculture.runs.folders import RESULT_FILE, hold_build_run
 from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, DecontaminateSpec, RunnerSpec
 from polyculture.stages.decontaminate import DecontaminationResult, decontaminate, load_benchmarks
@@ -228,8 +228,10 @@ def build_dataset(
     {"kind": "dask", "workers": 2}); every other stage runs here, over all shards.
 
     Without a run id, the newest unfinished run of this very spec (same fingerprint, its build dead) is resumed when
-    `resume`, else a new run starts. Finished shards are never regenerated, and each shard samples from its own seed,
-    so a resumed run publishes what an uninterrupted one would have.
+    `resume`, else a new run starts; while a live build of this spec holds an unfinished run, RunBusy (unless not
+    `resume`): never two builds of one spec by accident. Finished shards are never regenerated, and each shard
+    samples from its own seed, so a resumed run publishes what an uninterrupted one would have. An engine that fails
+    (EngineError: servers gone, every retry spent) stops the build with a message saying how to resume.
     After the first round, cells still short of their quota get top-up rounds (bounded by rebalance.top_up_rounds
     and rebalance.top_up_max_tokens); each round's shards live in generate/topup-NN/, so a re-run resumes.
     """
@@ -237,19 +239,39 @@ def build_dataset(
     spec = load_spec(spec_path)
     runner_spec = spec.runner if runner is None else RunnerSpec.model_validate(runner)
     dataset_root = Path(output_root or spec.publish.dir) / spec.name
-    if run_id is None:
-        unfinished = unfinished_runs(dataset_root, spec) if resume else []
-        run_id = unfinished[0] if unfinished else new_run_id(spec)
-    run_dir = dataset_root / run_id
-    with hold_run(run_dir, spec) as resumed:
+    with hold_build_run(dataset_root, spec, run_id=run_id, resume=resume, build=_this_build()) as (run_dir, resumed):
+        run_id = run_dir.name
         if resumed:
-            shards = len(list(run_dir.glob("generate/**/*.parquet")))
-            progress.report("resume", 1, 1, f"run {run_id}: {shards} finished shard(s) reused")
+            progress.report("resume", 1, 1, f"run {run_id}: {_finished_shards(run_dir)} finished shard(s) reused")
         try:
             with task_runner_for(runner_spec) as task_runner:
-                return _build(spec, spec_path, run_id, run_dir, wall_started, resumed, task_runner)
+                try:
+                    return _build(spec, spec_path, run_id, run_dir, wall_started, resumed, task_runner)
+                except EngineError as exc:
+                    raise EngineError(f"{exc}\n{resume_hint(run_dir)}") from None
         finally:
             close_shared_engines()  # this process's (threads); workers of a cluster keep theirs for later builds
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to go on from a build that stopped in run_dir."""
+    return (
+        f"run folder {run_dir} keeps {_finished_shards(run_dir)} finished shard(s); run the build again (the same "
+        f"command, or --run-id {run_dir.name}) to resume: finished shards are not generated again"
+    )
+
+
+def _finished_shards(run_dir: Path) -> int:
+    return len(list(run_dir.glob("generate/**/*.parquet")))
+
+
+def _this_build() -> str:
+    """Which build holds a run folder, for the message a second build gets: the Prefect flow run (and deployment)."""
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.name:
+        return f"Prefect flow run '{flow_run.name}' of deployment '{deployment.name}'"
+    return f"Prefect flow run '{flow_run.name}'"
 
 
 def _build(

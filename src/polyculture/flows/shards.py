@@ -1,9 +1,15 @@
 """Generation shards as Prefect tasks: a ShardRunner that submits each shard to the build's task runner (threads,
-Dask or Ray), where a worker loads its engine once and keeps it for every shard it runs."""
+Dask or Ray), where a worker loads its engine once and keeps it for every shard it runs.
+
+When a shard fails, the loop stops and the build with it; shards of that loop still waiting for this process's engine
+then give up at once instead of each spending its own retries and timeouts on a server already known to fail (with
+threads, the task runner waits for every started task before the build can exit).
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 
 from prefect import task
@@ -16,14 +22,24 @@ from polyculture.methods import get_method
 from polyculture.spec import BuildSpec
 from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shard, this_worker
 
+_stopped_loops: set[str] = set()  # shard loops of this process that ended (a failure, or all done)
+
 
 @task(name="generate-shard", cache_policy=NONE)
-def generate_shard_task(spec: BuildSpec, shard: Shard) -> ShardRun:
-    """One shard, on whichever worker the runner picks."""
+def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> ShardRun | None:
+    """One shard, on whichever worker the runner picks; None when its loop stopped before the engine was free."""
     started = time.perf_counter()
+    if loop_id in _stopped_loops:
+        return None
     shared, loaded = shared_engine(spec)
     with shared.lock:
-        frame = run_shard(spec, shard, shared.engine, get_method(spec.method))
+        if loop_id in _stopped_loops:
+            return None
+        try:
+            frame = run_shard(spec, shard, shared.engine, get_method(spec.method))
+        except BaseException:
+            _stopped_loops.add(loop_id)  # before the lock goes: the next shard waiting for it must not start
+            raise
     return ShardRun(
         completions=frame,
         worker=this_worker(),
@@ -36,8 +52,17 @@ def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
     """A ShardRunner that submits every shard at once to `task_runner` and yields them as they complete."""
 
     def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
-        futures = {task_runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s}): s for s in shards}
-        for future in as_completed(list(futures)):
-            yield futures[future], future.result()
+        loop_id = uuid.uuid4().hex
+        futures = {
+            task_runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s, "loop_id": loop_id}): s
+            for s in shards
+        }
+        try:
+            for future in as_completed(list(futures)):
+                ran = future.result()
+                if ran is not None:  # None: a shard of this loop failed first, and the build fails with it
+                    yield futures[future], ran
+        finally:
+            _stopped_loops.add(loop_id)
 
     return run
