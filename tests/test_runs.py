@@ -57,3 +57,19 @@ def test_a_folder_of_another_spec_is_refused(spec_dir, tmp_path):
     with pytest.raises(RunBusy, match="different spec"):
         with hold_run(run_dir, _spec(spec_dir, target_size=5)):
             pass
+
+
+def test_a_run_that_still_owes_its_hub_push_is_resumed(spec_dir, tmp_path):
+    """result.json without a push, for a spec that pushes on build: the build died (or the push failed) between the
+    two; the same command resumes it to push, instead of generating a new run."""
+    pushes = _spec(spec_dir, publish={"hub": {"repo_id": "alice/bios", "push_on_build": True}})
+    root = tmp_path / "runs"
+    for run_id, result in (("owes-push", {"hub": None}), ("pushed", {"hub": {"tag": "pushed"}}), ("damaged", None)):
+        with hold_run(root / run_id, pushes):
+            (root / run_id / RESULT_FILE).write_text("{not json" if result is None else json.dumps(result))
+    assert unfinished_runs(root, pushes) == ["owes-push"]
+    # without push_on_build the same folders are all finished (a spec that never pushes owes no push)
+    no_push = _spec(spec_dir, publish={"hub": {"repo_id": "alice/bios", "push_on_build": False}})
+    with hold_run(root / "local", no_push):
+        (root / "local" / RESULT_FILE).write_text(json.dumps({"hub": None}))
+    assert unfinished_runs(root, no_push) == []
