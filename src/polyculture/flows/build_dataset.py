@@ -8,6 +8,7 @@ The flow only wires stages and writes each stage's output into the run folder; t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +34,7 @@ from polyculture.report.card import render_card
 from polyculture.report.model import Round
 from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
-from polyculture.runs.files import write_text_atomic
+from polyculture.runs.files import disk_full_as, write_text_atomic
 from polyculture.runs.folders import RESULT_FILE, hold_run, new_run_id, unfinished_runs
 from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, RunnerSpec
@@ -144,6 +145,19 @@ def _process(
     return pool
 
 
+def _clear_dead_build(run_dir: Path, dataset_dir: Path) -> None:
+    """Before publishing again in a resumed run (its lock held, so no live build writes here): drop the staging
+    folders a killed publish left, and the dataset folder this run published whole before it died (the rows now are
+    the same: per-shard seeds). That folder is renamed away before it is deleted, so a kill during the deletion
+    never leaves part of it under its published name."""
+    for staging in [*run_dir.glob(f".{dataset_dir.name}.partial-*"), *run_dir.glob(".reference-*")]:
+        shutil.rmtree(staging, ignore_errors=True)
+    if dataset_dir.is_dir():
+        aside = dataset_dir.with_name(f".{dataset_dir.name}.partial-old")
+        os.rename(dataset_dir, aside)
+        shutil.rmtree(aside)
+
+
 def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: Pool) -> RoundStats:
     cells = pool.balanced.cells
     return RoundStats(
@@ -186,7 +200,8 @@ def build_dataset(
             shards = len(list(run_dir.glob("generate/**/*.parquet")))
             progress.report("resume", 1, 1, f"run {run_id}: {shards} finished shard(s) reused")
         try:
-            with task_runner_for(runner_spec) as task_runner:
+            # Any write that runs out of space (ours, or one inside polars, matplotlib, FAISS) is reported as such.
+            with task_runner_for(runner_spec) as task_runner, disk_full_as(run_dir):
                 return _build(spec, spec_path, run_id, run_dir, wall_started, resumed, task_runner)
         finally:
             close_shared_engines()  # this process's (threads); workers of a cluster keep theirs for later builds
@@ -285,10 +300,8 @@ def _build(
     progress.report("report", 1, 1, str(run_dir / "report.md"))
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
     dataset_dir = run_dir / dataset_folder_name(spec.name, run_id)
-    if resumed and dataset_dir.is_dir():
-        # Published whole (atomic rename) by this same run before it died, but never marked finished: the rows
-        # now are the same (per-shard seeds), so publish them again in its place.
-        shutil.rmtree(dataset_dir)
+    if resumed:
+        _clear_dead_build(run_dir, dataset_dir)
     card = render_card(report, spec, record_fields(spec, balanced.kept), balanced.kept.height)
     dataset_dir = publish_task(spec, balanced.kept, card, run_dir, dataset_dir)
     progress.report("publish", 1, 1, str(dataset_dir))
