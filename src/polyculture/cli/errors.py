@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a failure of its own kind (a comparison where every method failed, serve losing its server);
 2 a bad spec, config or argument; 3 a model, engine, runner or index not available here; Hub: 4 no token or token
-rejected, 5 no write access, 6 unreachable, 7 already published or the repo moved on, 8 any other Hub refusal.
+rejected, 5 no write access, 6 unreachable, 7 already published or the repo moved on, 8 any other Hub refusal;
+9 out of space (full disk, quota or file size limit: the message names the path; a build resumes once space is freed).
 
 The table names each exception class by the module that defines it, so it imports nothing: a command's own lazy
 imports stay lazy (`--help` and `schema` never load Prefect or torch). The most specific class of an exception's MRO
@@ -36,6 +37,7 @@ EXIT_CODES: dict[str, int] = {
     "polyculture.hub.push.HubUnreachable": 6,
     "polyculture.hub.push.HubConflict": 7,
     "polyculture.hub.push.HubError": 8,
+    "polyculture.runs.files.DiskFull": 9,
 }
 
 P = ParamSpec("P")
