@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +64,18 @@ class Builds:
         run = ["--run-id", run_id] if run_id else []
         return [POLYCULTURE, "build", str(spec_path), *run, "--output-dir", str(out), "--json", "--quiet"]
 
-    def run(self, spec_path: Path, out: Path, run_id: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    def run(
+        self, spec_path: Path, out: Path, run_id: str | None = None, file_size_limit: int | None = None
+    ) -> subprocess.CompletedProcess:
+        """The build to its end; with file_size_limit, every file it writes stops at that many bytes (EFBIG)."""
+
+        def limit_file_size() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
         return subprocess.run(
-            self.command(spec_path, out, run_id), env={**self.env, **env},
-            capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+            self.command(spec_path, out, run_id), env=self.env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+            preexec_fn=limit_file_size if file_size_limit is not None else None,
         )  # fmt: skip
 
     def killed_at(self, point: str, spec_path: Path, out: Path, run_id: str, kill_if: str = "") -> str:
@@ -270,3 +280,53 @@ def test_killed_build_reruns_to_the_uninterrupted_dataset(
         published = Path(result["dataset_dir"])
         assert pushed == {p.relative_to(published).as_posix(): p.read_bytes() for p in published.rglob("*") if p.is_file()}
         assert json.loads((run_dir / "result.json").read_text())["hub"] == result["hub"]
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _small_disk(folder: Path, size: str) -> Iterator[Path]:
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "file-size-limit"])
+def test_full_disk_stops_in_one_line_publishes_nothing_and_resumes_once_freed(
+    disk: str, builds: Builds, reference: Reference, tmp_path: Path
+) -> None:
+    """tmpfs: the run folder on a 512 KiB filesystem, too small for the dataset folder beside the run's reports.
+    file-size-limit (no root needed): RLIMIT_FSIZE of 128 KiB, below the HTML report's size; writes fail with EFBIG."""
+    spec_path = _write_spec(tmp_path / "spec", reference.spec)
+    with ExitStack() as stack:
+        out = stack.enter_context(_small_disk(tmp_path / "disk", "512k")) if disk == "tmpfs" else tmp_path / "out"
+        run_dir = out / DATASET / "full"
+        (run_dir / "generate").mkdir(parents=True)
+        for shard in reference.shards:
+            shutil.copy2(shard, run_dir / "generate" / shard.name)
+        before = _shards(run_dir)
+
+        stopped = builds.run(spec_path, out, "full", file_size_limit=128 * 1024 if disk != "tmpfs" else None)
+        errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+        assert stopped.returncode == 9 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+        assert len(errors) == 1 and str(run_dir) in errors[0], stopped.stderr[-3000:]
+        what = "no space left on the device" if disk == "tmpfs" else "the file size limit (ulimit -f) was reached"
+        assert what in errors[0] and "it needs about" in errors[0] and "run the same command again" in errors[0]
+        assert not (run_dir / f"{DATASET}-full").exists() and not (run_dir / "result.json").exists()
+        _assert_nothing_half_published(run_dir, reference.rows, tmp_path / "cache")
+
+        if disk == "tmpfs":  # space freed: the same filesystem, grown
+            subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        resumed = builds.run(spec_path, out)  # the same command (no limit now), no run id: resumes the run
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        result = json.loads(resumed.stdout)
+        assert result["run_id"] == "full" and result["resumed"] is True and _shards(run_dir) == before
+        assert _rows(Path(result["dataset_dir"])) == reference.rows
+        assert _leftovers(run_dir) == []
+        _assert_nothing_half_published(run_dir, reference.rows, tmp_path / "cache")
