@@ -232,6 +232,8 @@ POINTS = [
               default=True),  # fmt: skip
     KillPoint("publish-after-rename", "polyculture.stages.publish:publish_local@after", _renamed_no_result),
     KillPoint("before-hub-push", "polyculture.hub.push:push_dataset", _finished_not_pushed, hub=True, default=True),
+    # pushed and tagged, but result.json never heard of it: the re-run must find the push, not push again
+    KillPoint("after-hub-push", "polyculture.hub.push:push_dataset@after", _finished_not_pushed, hub=True),
 ]
 
 

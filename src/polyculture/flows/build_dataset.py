@@ -26,7 +26,7 @@ from polyculture.engines.base import Engine
 from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
 from polyculture.flows.runners import task_runner_for
 from polyculture.flows.shards import prefect_shards
-from polyculture.hub.push import HubError, push_dataset
+from polyculture.hub.push import HubError, push_dataset, pushed_before
 from polyculture.index.releases import ReleaseIndex, load_release_index, locate_release_index, write_release_index
 from polyculture.methods import get_method
 from polyculture.preflight import load_spec
@@ -145,6 +145,19 @@ def _process(
     return pool
 
 
+def _push_owed(spec: BuildSpec, run_dir: Path) -> BuildResult | None:
+    """The result.json of a run that finished all but the push its spec asks for (unfinished_runs offers such a
+    run), else None."""
+    hub = spec.publish.hub
+    if hub is None or not hub.push_on_build:
+        return None
+    try:
+        result = BuildResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # no result (or not one this version wrote): the run is built again, shards reused
+    return result if result.hub is None and Path(result.dataset_dir).is_dir() else None
+
+
 def _clear_dead_build(run_dir: Path, dataset_dir: Path) -> None:
     """Before publishing again in a resumed run (its lock held, so no live build writes here): drop the staging
     folders a killed publish left, and the dataset folder this run published whole before it died (the rows now are
@@ -199,6 +212,10 @@ def build_dataset(
         if resumed:
             shards = len(list(run_dir.glob("generate/**/*.parquet")))
             progress.report("resume", 1, 1, f"run {run_id}: {shards} finished shard(s) reused")
+        finished = _push_owed(spec, run_dir) if resumed else None
+        if finished is not None:  # built and published before the build died: only its push is owed
+            progress.report("resume", 1, 1, f"run {run_id}: built, pushing")
+            return _push(spec, run_dir, replace(finished, resumed=True), pushed_already=True).to_dict()
         try:
             # Any write that runs out of space (ours, or one inside polars, matplotlib, FAISS) is reported as such.
             with task_runner_for(runner_spec) as task_runner, disk_full_as(run_dir):
@@ -326,17 +343,30 @@ def _build(
         corrupt_shards=sum(len(g.corrupt_shards) for g in generations),
     )
     write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
+    return _push(spec, run_dir, result, pushed_already=False).to_dict()
+
+
+def _push(spec: BuildSpec, run_dir: Path, result: BuildResult, pushed_already: bool) -> BuildResult:
+    """The push a spec with publish.hub.push_on_build asks for, recorded in result.json (the run's result as is
+    otherwise). `pushed_already`: the run may have pushed before it died, unrecorded; a second push would be refused."""
     hub = spec.publish.hub
-    if hub is not None and hub.push_on_build:
-        # After result.json: a failed push leaves a finished run that `polyculture publish RUN_DIR` retries.
-        # The token is resolved inside push_dataset, never passed as a task parameter (Prefect records those).
-        try:
-            pushed = task(name="push", cache_policy=NONE, retries=0)(push_dataset)(dataset_dir, hub, run_id=run_id)
-        except HubError as exc:
-            raise type(exc)(
-                f"the dataset was built in {run_dir}, but the push failed: {exc}\n"
-                f"retry with `polyculture publish {run_dir}`"
-            ) from None
-        result = replace(result, hub=pushed.to_dict())
-        write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-    return result.to_dict()
+    if hub is None or not hub.push_on_build:
+        return result
+    dataset_dir = Path(result.dataset_dir)
+    # After result.json: a failed push leaves a finished run that `polyculture publish RUN_DIR` retries, as does
+    # the same build command. The token is resolved inside push_dataset, never passed as a task parameter (Prefect
+    # records those).
+    try:
+        pushed = pushed_before(dataset_dir, hub, run_id=result.run_id) if pushed_already else None
+        if pushed is None:
+            pushed = task(name="push", cache_policy=NONE, retries=0)(push_dataset)(
+                dataset_dir, hub, run_id=result.run_id
+            )
+    except HubError as exc:
+        raise type(exc)(
+            f"the dataset was built in {run_dir}, but the push failed: {exc}\n"
+            f"retry with `polyculture publish {run_dir}`"
+        ) from None
+    result = replace(result, hub=pushed.to_dict())
+    write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
+    return result
