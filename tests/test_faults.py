@@ -32,7 +32,8 @@ from conftest import PROJECT, SMALL_SCHEMA, small_spec_dict
 from hub_server import HubServer
 from test_resume import POLYCULTURE, _group_gone, _shards
 
-pytestmark = pytest.mark.slow
+# The uninterrupted build (a module fixture) counts toward the first case's timeout: generation on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 ALL_FAULTS = os.environ.get("POLYCULTURE_FAULTS") == "all"
 ALICE = "hf_aliceFAULTSTOKEN0123456789SECRET"
 DATASET = "tiny-bios"

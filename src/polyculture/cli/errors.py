@@ -7,12 +7,14 @@ rejected, 5 no write access, 6 unreachable, 7 already published or the repo move
 
 The table names each exception class by the module that defines it, so it imports nothing: a command's own lazy
 imports stay lazy (`--help` and `schema` never load Prefect or torch). The most specific class of an exception's MRO
-that the table lists decides; an exception the table does not list is a bug and keeps its traceback.
+that the table lists decides; an exception the table does not list is a bug and keeps its traceback. Prefect's own
+log records of a run failing with a listed exception are dropped: the one `error:` line says it.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import NoReturn, ParamSpec, TypeVar
 
@@ -58,11 +60,28 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+class _ReportedFailures(logging.Filter):
+    """Drops a log record that carries an exception the table reports: Prefect logs a failed task or flow run with
+    its traceback, and the command then says the same in its one `error:` line. Unlisted exceptions (bugs) keep
+    their records, and their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or exit_code_for(exc) is None
+
+
+# The loggers Prefect writes task and flow run failures to.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     """`command` with every exception of the table reported as `error: <message>` and its exit code."""
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        quiet = _ReportedFailures()
+        for name in _RUN_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             return command(*args, **kwargs)
         except Exception as exc:
@@ -70,5 +89,8 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
             if code is None:
                 raise
             fail(str(exc), code)
+        finally:
+            for name in _RUN_LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
 
     return run

@@ -103,7 +103,7 @@ def disk_full_as(path: Path, needed: int | None = None) -> Iterator[None]:
         code = no_space_code(exc)
         if code is None:
             raise
-        filename = getattr(exc, "filename", None)
+        filename = getattr(exc, "filename2", None) or getattr(exc, "filename", None)  # a copy's target, not source
         raise DiskFull(code, path, needed, str(filename) if filename else None) from exc
 
 
