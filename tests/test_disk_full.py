@@ -84,3 +84,36 @@ def test_a_replaced_release_index_is_whole_or_the_old_one(tmp_path: Path, monkey
     write(5)
     assert load_release_index(tmp_path / "reference", embedding_model="m").size == 5
     assert [p.name for p in tmp_path.iterdir()] == ["reference"]  # no staging or old folder left
+
+
+def test_a_reported_failure_is_one_error_line_without_prefects_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    import typer
+
+    from polyculture.cli.errors import exit_codes
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    task_runs = logging.getLogger("prefect.task_runs")
+    task_runs.addHandler(handler)
+
+    def build(error: Exception) -> None:
+        try:
+            raise error
+        except Exception:  # as Prefect's task engine logs a failed task run
+            task_runs.error("Task run failed with exception: %r", error, exc_info=True)
+            raise
+
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            exit_codes(build)(DiskFull(errno.ENOSPC, "/out/run", 1000))
+        with pytest.raises(KeyError):  # a bug keeps its record and its traceback
+            exit_codes(build)(KeyError("bug"))
+    finally:
+        task_runs.removeHandler(handler)
+    assert stopped.value.exit_code == 9 and seen == ["Task run failed with exception: KeyError('bug')"]
+    error = capsys.readouterr().err
+    assert error.startswith("error: no space left on the device while writing '/out/run'") and "Traceback" not in error
+    assert task_runs.filters == []  # removed once the command returns
