@@ -77,3 +77,19 @@ def test_a_build_picking_its_run_is_refused_while_a_live_build_of_the_spec_holds
             assert others not in (live, beside)
     with hold_build_run(root, spec) as (again, resumed):  # the live one has gone: the newest dead run is resumed
         assert again == beside and resumed is True
+
+
+def test_a_run_that_still_owes_its_hub_push_is_resumed(spec_dir, tmp_path):
+    """result.json without a push, for a spec that pushes on build: the build died (or the push failed) between the
+    two; the same command resumes it to push, instead of generating a new run."""
+    pushes = _spec(spec_dir, publish={"hub": {"repo_id": "alice/bios", "push_on_build": True}})
+    root = tmp_path / "runs"
+    for run_id, result in (("owes-push", {"hub": None}), ("pushed", {"hub": {"tag": "pushed"}}), ("damaged", None)):
+        with hold_run(root / run_id, pushes):
+            (root / run_id / RESULT_FILE).write_text("{not json" if result is None else json.dumps(result))
+    assert unfinished_runs(root, pushes) == ["owes-push"]
+    # without push_on_build the same folders are all finished (a spec that never pushes owes no push)
+    no_push = _spec(spec_dir, publish={"hub": {"repo_id": "alice/bios", "push_on_build": False}})
+    with hold_run(root / "local", no_push):
+        (root / "local" / RESULT_FILE).write_text(json.dumps({"hub": None}))
+    assert unfinished_runs(root, no_push) == []

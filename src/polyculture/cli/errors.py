@@ -2,15 +2,17 @@
 
 Exit codes: 0 ok; 1 a failure of its own kind (a comparison where every method failed, serve losing its server);
 2 a bad spec, config or argument; 3 a model, engine, runner or index not available here; Hub: 4 no token or token
-rejected, 5 no write access, 6 unreachable, 7 already published or the repo moved on, 8 any other Hub refusal.
+rejected, 5 no write access, 6 unreachable, 7 already published or the repo moved on, 8 any other Hub refusal;
+9 out of space (full disk, quota or file size limit: the message names the path; a build resumes once space is freed).
 
 The table names each exception class by the module that defines it, so it imports nothing: a command's own lazy
 imports stay lazy (`--help` and `schema` never load Prefect or torch). The most specific class of an exception's MRO
 that the table lists decides; an exception the table does not list is a bug and keeps its traceback.
 
-Prefect logs every failed task and flow run with its traceback: for a failure the command reports in one line of its
-own, those tracebacks are screens of noise, so they are dropped (the log lines stay). A Prefect API that went away
-makes Prefect log the same two lines for every event it cannot send: the first of each is kept.
+Prefect logs every failed task and flow run with its traceback: a run failing with a listed exception has its records
+dropped (the one `error:` line says it); for a failure the command reports itself (a Prefect API that went away) the
+traceback is dropped and the log line stays. A Prefect API that went away makes Prefect log the same two lines for
+every event it cannot send: the first of each is kept.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ EXIT_CODES: dict[str, int] = {
     "polyculture.hub.push.HubUnreachable": 6,
     "polyculture.hub.push.HubConflict": 7,
     "polyculture.hub.push.HubError": 8,
+    "polyculture.runs.files.DiskFull": 9,
 }
 
 # Reported by the command that meets them (the build: a Prefect API that went away), not through the table.
@@ -110,12 +113,29 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+class _ReportedFailures(logging.Filter):
+    """Drops a log record that carries an exception the table reports: Prefect logs a failed task or flow run with
+    its traceback, and the command then says the same in its one `error:` line. Unlisted exceptions (bugs) keep
+    their records, and their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or exit_code_for(exc) is None
+
+
+# The loggers Prefect writes task and flow run failures to.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     """`command` with every exception of the table reported as `error: <message>` and its exit code."""
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         quiet_prefect_noise()
+        quiet = _ReportedFailures()
+        for name in _RUN_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             return command(*args, **kwargs)
         except Exception as exc:
@@ -123,5 +143,8 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
             if code is None:
                 raise
             fail(str(exc), code)
+        finally:
+            for name in _RUN_LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
 
     return run

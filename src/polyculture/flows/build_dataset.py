@@ -3,11 +3,15 @@
 
 The flow only wires stages and writes each stage's output into the run folder; the stages hold the logic and
 `stages.summary` the bookkeeping. Generation shards already in the run folder are reused, so a re-run resumes.
+
+Size: the flow and every way a run folder is resumed (shards, quality scores, a dead publish, a push still owed) read
+together; the run-folder side of resuming belongs in runs/ next.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +29,7 @@ from polyculture.engines.base import Engine, EngineError
 from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
 from polyculture.flows.runners import task_runner_for
 from polyculture.flows.shards import prefect_shards
-from polyculture.hub.push import HubError, push_dataset
+from polyculture.hub.push import HubError, push_dataset, pushed_before
 from polyculture.index.benchmarks import Benchmark
 from polyculture.index.releases import ReleaseIndex, load_release_index, locate_release_index, write_release_index
 from polyculture.methods import get_method
@@ -34,7 +38,13 @@ from polyculture.report.card import render_card
 from polyculture.report.model import Round
 from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
-from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked, write_text_atomic
+from polyculture.runs.files import (
+    DamagedFile,
+    disk_full_as,
+    read_parquet_checked,
+    write_parquet_checked,
+    write_text_atomic,
+)
 from polyculture.runs.folders import RESULT_FILE, hold_build_run
 from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, DecontaminateSpec, RunnerSpec
@@ -204,6 +214,32 @@ def _write_scores(spec: BuildSpec, path: Path, scores: ScoreCache) -> None:
         write_parquet_checked(cache_frame(scores), path)
 
 
+def _push_owed(spec: BuildSpec, run_dir: Path) -> BuildResult | None:
+    """The result.json of a run that finished all but the push its spec asks for (unfinished_runs offers such a
+    run), else None."""
+    hub = spec.publish.hub
+    if hub is None or not hub.push_on_build:
+        return None
+    try:
+        result = BuildResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # no result (or not one this version wrote): the run is built again, shards reused
+    return result if result.hub is None and Path(result.dataset_dir).is_dir() else None
+
+
+def _clear_dead_build(run_dir: Path, dataset_dir: Path) -> None:
+    """Before publishing again in a resumed run (its lock held, so no live build writes here): drop the staging
+    folders a killed publish left, and the dataset folder this run published whole before it died (the rows now are
+    the same: per-shard seeds). That folder is renamed away before it is deleted, so a kill during the deletion
+    never leaves part of it under its published name."""
+    for staging in [*run_dir.glob(f".{dataset_dir.name}.partial-*"), *run_dir.glob(".reference-*")]:
+        shutil.rmtree(staging, ignore_errors=True)
+    if dataset_dir.is_dir():
+        aside = dataset_dir.with_name(f".{dataset_dir.name}.partial-old")
+        os.rename(dataset_dir, aside)
+        shutil.rmtree(aside)
+
+
 def _round_stats(spec: BuildSpec, plans: list[pl.DataFrame], pool: Pool) -> RoundStats:
     cells = pool.balanced.cells
     return RoundStats(
@@ -243,8 +279,13 @@ def build_dataset(
         run_id = run_dir.name
         if resumed:
             progress.report("resume", 1, 1, f"run {run_id}: {_finished_shards(run_dir)} finished shard(s) reused")
+        finished = _push_owed(spec, run_dir) if resumed else None
+        if finished is not None:  # built and published before the build died: only its push is owed
+            progress.report("resume", 1, 1, f"run {run_id}: built, pushing")
+            return _push(spec, run_dir, replace(finished, resumed=True), pushed_already=True).to_dict()
         try:
-            with task_runner_for(runner_spec) as task_runner:
+            # Any write that runs out of space (ours, or one inside polars, matplotlib, FAISS) is reported as such.
+            with task_runner_for(runner_spec) as task_runner, disk_full_as(run_dir):
                 try:
                     return _build(spec, spec_path, run_id, run_dir, wall_started, resumed, task_runner)
                 except EngineError as exc:
@@ -376,10 +417,8 @@ def _build(
     progress.report("report", 1, 1, str(run_dir / "report.md"))
     publish_task = task(name="publish", cache_policy=NONE)(publish_local)
     dataset_dir = run_dir / dataset_folder_name(spec.name, run_id)
-    if resumed and dataset_dir.is_dir():
-        # Published whole (atomic rename) by this same run before it died, but never marked finished: the rows
-        # now are the same (per-shard seeds), so publish them again in its place.
-        shutil.rmtree(dataset_dir)
+    if resumed:
+        _clear_dead_build(run_dir, dataset_dir)
     card = render_card(report, spec, record_fields(spec, balanced.kept), balanced.kept.height)
     dataset_dir = publish_task(spec, balanced.kept, card, run_dir, dataset_dir)
     progress.report("publish", 1, 1, str(dataset_dir))
@@ -405,17 +444,30 @@ def _build(
         contamination=pool.decontaminated.table() if pool.decontaminated is not None else None,
     )
     write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))  # marks the run finished
+    return _push(spec, run_dir, result, pushed_already=False).to_dict()
+
+
+def _push(spec: BuildSpec, run_dir: Path, result: BuildResult, pushed_already: bool) -> BuildResult:
+    """The push a spec with publish.hub.push_on_build asks for, recorded in result.json (the run's result as is
+    otherwise). `pushed_already`: the run may have pushed before it died, unrecorded; a second push would be refused."""
     hub = spec.publish.hub
-    if hub is not None and hub.push_on_build:
-        # After result.json: a failed push leaves a finished run that `polyculture publish RUN_DIR` retries.
-        # The token is resolved inside push_dataset, never passed as a task parameter (Prefect records those).
-        try:
-            pushed = task(name="push", cache_policy=NONE, retries=0)(push_dataset)(dataset_dir, hub, run_id=run_id)
-        except HubError as exc:
-            raise type(exc)(
-                f"the dataset was built in {run_dir}, but the push failed: {exc}\n"
-                f"retry with `polyculture publish {run_dir}`"
-            ) from None
-        result = replace(result, hub=pushed.to_dict())
-        write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-    return result.to_dict()
+    if hub is None or not hub.push_on_build:
+        return result
+    dataset_dir = Path(result.dataset_dir)
+    # After result.json: a failed push leaves a finished run that `polyculture publish RUN_DIR` retries, as does
+    # the same build command. The token is resolved inside push_dataset, never passed as a task parameter (Prefect
+    # records those).
+    try:
+        pushed = pushed_before(dataset_dir, hub, run_id=result.run_id) if pushed_already else None
+        if pushed is None:
+            pushed = task(name="push", cache_policy=NONE, retries=0)(push_dataset)(
+                dataset_dir, hub, run_id=result.run_id
+            )
+    except HubError as exc:
+        raise type(exc)(
+            f"the dataset was built in {run_dir}, but the push failed: {exc}\n"
+            f"retry with `polyculture publish {run_dir}`"
+        ) from None
+    result = replace(result, hub=pushed.to_dict())
+    write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
+    return result

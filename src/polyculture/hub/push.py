@@ -295,6 +295,38 @@ def push_dataset(dataset_dir: Path, hub: HubSpec, *, run_id: str, token: str | N
     )
 
 
+def pushed_before(dataset_dir: Path, hub: HubSpec, *, run_id: str, token: str | None = None) -> PushResult | None:
+    """The push of `run_id` already on the Hub (its tag exists and holds exactly dataset_dir's files), else None.
+
+    A build killed after its push but before result.json recorded it resumes to push: this tells it the push was
+    made, so the run is not refused as already published, nor pushed twice."""
+    if not hub.tag:
+        return None  # without a tag a push leaves no mark of its run
+    files = dataset_files(dataset_dir)
+    token = token or resolve_token(hub)
+    endpoint = hub_endpoint(hub)
+    api = _api(endpoint)
+    with _online(), _mapped_errors(hub, endpoint, token, "looking for this run's tag"):
+        user = _check_access(api, hub, token)
+        if not api.repo_exists(hub.repo_id, repo_type="dataset", token=token):
+            return None
+        tags = {ref.name: ref.target_commit for ref in api.list_repo_refs(hub.repo_id, repo_type="dataset", token=token).tags}
+        if run_id not in tags:
+            return None
+        remote = set(api.list_repo_files(hub.repo_id, repo_type="dataset", revision=tags[run_id], token=token))
+        info = api.dataset_info(hub.repo_id, token=token)
+    local = sorted(rel for rel, _ in files)
+    if remote - KEEP_REMOTE != set(local):
+        return None  # the tag holds other files: push_dataset refuses it as published, and says so
+    commit = tags[run_id]
+    return PushResult(
+        repo_id=hub.repo_id, repo_url=f"{endpoint}/datasets/{hub.repo_id}", endpoint=endpoint, user=user,
+        private=info.private, run_id=run_id, commit_oid=commit,
+        commit_url=f"{endpoint}/datasets/{hub.repo_id}/commit/{commit}", parent_oid=None, tag=run_id, files=local,
+        deleted=[], bytes=sum(path.stat().st_size for _, path in files), unchanged=True,
+    )  # fmt: skip
+
+
 def _api(endpoint: str) -> HfApi:
     return HfApi(endpoint=endpoint, library_name="polyculture", library_version=__version__)
 

@@ -4,7 +4,8 @@ reference dataset indexed by `polyculture index`, which new records are deduplic
 A reference folder holds `reference.json` (format, embedding model, size, source), `entries.parquet` (one row per
 indexed record: record_id, text_hash, source) and the FAISS index (`index.faiss` + `index.json`). Every build writes
 one for its final records under `<run>/reference/`, so `dedup.reference: [<earlier run folder>]` just works.
-The folder is written beside its final place and renamed in, so a crash never leaves a half-written reference.
+The folder is written beside its final place and renamed in (the old one renamed away first), so a crash never leaves
+a half-written or half-deleted reference under its name.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def write_release_index(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    old: Path | None = None  # where the folder this one replaces waits until the new one is in place
     try:
         index = SimilarityIndex.build(embeddings, choose_index(len(record_ids), device="cpu"))
         index.save(staging)
@@ -97,12 +99,20 @@ def write_release_index(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # The old folder is renamed away, not deleted in place: a crash never leaves half of it under its name.
         if folder.exists():
-            shutil.rmtree(folder)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            folder.rename(old / folder.name)
         staging.rename(folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            if not folder.exists():
+                (old / folder.name).rename(folder)  # the old index back in place
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old)
     return folder
 
 

@@ -1,6 +1,7 @@
 """Run folders: naming a new run, finding an unfinished run of the same spec to resume, and one build per folder.
 
-A run folder holds `run.json` from its start ({"fingerprint", "started"}) and `result.json` once it finished. A build
+A run folder holds `run.json` from its start ({"fingerprint", "started"}) and `result.json` once it finished; a run
+whose spec pushes to a Hub on build is finished only once result.json records the push. A build
 holds an exclusive lock on `<run>/.lock` while it runs (flock: released by the kernel when the process dies, kill -9
 included), so a second build never writes into a folder a live build is using, and an unfinished folder whose lock
 is free is one whose build died. The lock file names its holder (pid, host, since when, which build), so a refused
@@ -48,8 +49,8 @@ def _fingerprints(spec: BuildSpec) -> set[str]:
 
 
 def unfinished_runs(dataset_root: Path, spec: BuildSpec) -> list[str]:
-    """Run ids under dataset_root started from this very spec (same fingerprint) that never finished and that no live
-    build holds; newest first."""
+    """Run ids under dataset_root started from this very spec (same fingerprint) that never finished (a push still
+    owed counts as unfinished) and that no live build holds; newest first."""
     return [name for name, live in _unfinished(dataset_root, spec) if not live]
 
 
@@ -66,7 +67,7 @@ def _unfinished(dataset_root: Path, spec: BuildSpec) -> list[tuple[str, bool]]:
         return []
     for run_dir in dataset_root.iterdir():
         run_file = run_dir / RUN_FILE
-        if not run_file.is_file() or (run_dir / RESULT_FILE).exists():
+        if not run_file.is_file() or _finished(run_dir, spec):
             continue
         try:
             info = json.loads(run_file.read_text())
@@ -96,6 +97,22 @@ def lock_holder(run_dir: Path) -> str:
 def last_held_run() -> Path | None:
     """The run folder this process held last (None: none yet), for a command reporting a build that failed."""
     return _held[-1] if _held else None
+
+
+def _finished(run_dir: Path, spec: BuildSpec) -> bool:
+    """result.json is there and, when the spec pushes on build, records the push (a build killed or failed between
+    result.json and its push is resumed to push, instead of a new run generated again)."""
+    result_file = run_dir / RESULT_FILE
+    if not result_file.exists():
+        return False
+    hub = spec.publish.hub
+    if hub is None or not hub.push_on_build:
+        return True
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return True  # written atomically: unreadable means damaged, not a push owed
+    return not isinstance(result, dict) or result.get("hub") is not None
 
 
 def _fingerprint(run_file: Path) -> str | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from polyculture.runs.files import disk_full_as
 from polyculture.spec import BuildSpec
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -68,15 +69,16 @@ def publish_local(spec: BuildSpec, final: pl.DataFrame, card: str, report_dir: P
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.partial-", dir=dataset_dir.parent))
     try:
-        (staging / DATA_FILE).parent.mkdir(parents=True)
-        pq.write_table(table, staging / DATA_FILE)
-        shutil.copy2(report_dir / "report.json", staging / "report.json")
-        shutil.copy2(report_dir / "report.md", staging / "report.md")
-        if (report_dir / "report.html").is_file():  # the offline page with its figures inlined
-            shutil.copy2(report_dir / "report.html", staging / "report.html")
-        if (report_dir / "plots").is_dir():
-            shutil.copytree(report_dir / "plots", staging / "plots")
-        dataset_card(spec, card, table.num_rows).save(staging / "README.md")
+        with disk_full_as(dataset_dir, _bytes_to_publish(table, report_dir, card)):
+            (staging / DATA_FILE).parent.mkdir(parents=True)
+            pq.write_table(table, staging / DATA_FILE)
+            shutil.copy2(report_dir / "report.json", staging / "report.json")
+            shutil.copy2(report_dir / "report.md", staging / "report.md")
+            if (report_dir / "report.html").is_file():  # the offline page with its figures inlined
+                shutil.copy2(report_dir / "report.html", staging / "report.html")
+            if (report_dir / "plots").is_dir():
+                shutil.copytree(report_dir / "plots", staging / "plots")
+            dataset_card(spec, card, table.num_rows).save(staging / "README.md")
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the published folder should read like any other
         _refuse_non_empty(dataset_dir)  # checked again: someone may have written there while we built
         if dataset_dir.is_dir():
@@ -86,6 +88,13 @@ def publish_local(spec: BuildSpec, final: pl.DataFrame, card: str, report_dir: P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dataset_dir
+
+
+def _bytes_to_publish(table: pa.Table, report_dir: Path, card: str) -> int:
+    """About what the dataset folder takes: the rows in memory (parquet is smaller), the reports, plots and card."""
+    reports = [report_dir / name for name in ("report.json", "report.md", "report.html")]
+    files = [p for p in reports if p.is_file()] + [p for p in (report_dir / "plots").glob("*") if p.is_file()]
+    return table.nbytes + sum(p.stat().st_size for p in files) + len(card.encode())
 
 
 def _refuse_non_empty(dataset_dir: Path) -> None:
