@@ -132,10 +132,10 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        quiet_prefect_noise()
-        quiet = _ReportedFailures()
+        quiet = _ReportedFailures()  # before quiet_prefect_noise's filters, which strip the exception it reads
         for name in _RUN_LOGGERS:
-            logging.getLogger(name).addFilter(quiet)
+            logging.getLogger(name).filters.insert(0, quiet)
+        quiet_prefect_noise()
         try:
             return command(*args, **kwargs)
         except Exception as exc:
