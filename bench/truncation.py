@@ -19,6 +19,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 import zlib
@@ -199,6 +200,7 @@ def main() -> None:
                           generated_tokens=int(frame["completion_tokens"].sum()))  # fmt: skip
             chars_per_token = chars_per_token or result["min_chars_per_token"]
             entry[variant] = result
+            print(json.dumps({name: {variant: result}}), file=sys.stderr, flush=True)  # as it goes: runs are long
         report["specs"][name] = entry
     if engine is not None:
         engine.close()
