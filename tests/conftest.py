@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="polyculture-prefect-")
@@ -100,3 +101,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server start` for the build-level fault tests, shared by their modules (one start, ~12 s+)."""
+    from fault_servers import start_prefect_server, stop_group
+
+    server, url = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield url
+    finally:
+        assert not stop_group(server), "Prefect server processes left running"

@@ -22,20 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from conftest import SMALL_SCHEMA, small_spec_dict
-from fault_servers import RecordServer, start_prefect_server, stop_group
+from fault_servers import RecordServer, stop_group
 
 POLYCULTURE = str(Path(sys.executable).parent / "polyculture")
 MODEL = "smollm2-135m-instruct"
 WAIT = 600  # a guard against a build that never gets there, not a measure
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server, url = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        yield url
-    finally:
-        assert not stop_group(server), "Prefect server processes left running"
 
 
 @pytest.fixture

@@ -31,15 +31,6 @@ POLYCULTURE = str(Path(sys.executable).parent / "polyculture")
 BUILD_TIMEOUT = 900  # a guard against a build that never ends, not a measure: a hang fails the test here
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server, url = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        yield url
-    finally:
-        assert not stop_group(server), "Prefect server processes left running"
-
-
 @pytest.fixture
 def proxy(vllm_server: str) -> Iterator[FaultProxy]:  # noqa: F811
     made = FaultProxy(vllm_server)
