@@ -5,9 +5,11 @@ its name. (The whole build on a full disk: tests/test_faults.py.)"""
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import pickle
 import resource
 import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +21,37 @@ from polyculture.index.releases import load_release_index, write_release_index
 from polyculture.runs.files import DiskFull, disk_full_as, no_space_code, write_parquet_checked, write_text_atomic
 
 
-@pytest.fixture
-def file_size_limit():
-    """Files this process writes stop at 4 KiB (EFBIG, as a full disk gives ENOSPC); the limits come back after."""
-    before = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, before[1]))
-    yield 4096
-    resource.setrlimit(resource.RLIMIT_FSIZE, before)
-    signal.signal(signal.SIGXFSZ, handler)
-
-
-def test_writers_raise_disk_full_and_leave_no_temporary_file(tmp_path: Path, file_size_limit: int) -> None:
-    with pytest.raises(DiskFull) as text_error:
-        write_text_atomic(tmp_path / "report.html", "x" * 10_000)
+def _write_under_file_size_limit(directory: str, limit: int) -> list[DiskFull]:
+    """In a child process: files stop at `limit` bytes (EFBIG, as a full disk gives ENOSPC). Never in pytest's own
+    process: its output file (a CI log) would hit the limit too."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     frame = pl.DataFrame({"text": [str(i) * 50 for i in range(2000)]})
-    with pytest.raises(DiskFull) as parquet_error:
-        write_parquet_checked(frame, tmp_path / "shard-00000.parquet")
+    writes = [
+        lambda: write_text_atomic(Path(directory) / "report.html", "x" * 10_000),
+        lambda: write_parquet_checked(frame, Path(directory) / "shard-00000.parquet"),
+    ]
+    errors: list[DiskFull] = []
+    for write in writes:
+        try:
+            write()
+        except DiskFull as error:
+            errors.append(error)
+    return errors  # pickled back to the test: Prefect and cluster workers pickle exceptions the same way
+
+
+def test_writers_raise_disk_full_and_leave_no_temporary_file(tmp_path: Path) -> None:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        errors = child.submit(_write_under_file_size_limit, str(tmp_path), 4096).result(timeout=120)
+    assert len(errors) == 2 and all(type(error) is DiskFull for error in errors)
+    text_error, parquet_error = errors
     assert list(tmp_path.iterdir()) == []  # neither the file nor a cut-short .tmp of it
-    message = str(text_error.value)
+    message = str(text_error)
     assert message.startswith(f"the file size limit (ulimit -f) was reached while writing '{tmp_path / 'report.html'}'")
     assert "it needs about 9.8 KiB" in message and "\n" not in message and "run the same command again" in message
-    assert text_error.value.errno == errno.EFBIG and exit_code_for(text_error.value) == 9
-    assert str(tmp_path / "shard-00000.parquet") in str(parquet_error.value)
-    back = pickle.loads(pickle.dumps(text_error.value))  # Prefect and cluster workers pickle exceptions
+    assert text_error.errno == errno.EFBIG and exit_code_for(text_error) == 9
+    assert str(tmp_path / "shard-00000.parquet") in str(parquet_error)
+    back = pickle.loads(pickle.dumps(text_error))
     assert type(back) is DiskFull and str(back) == message and back.needed == 10_000
 
 
