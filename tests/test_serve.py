@@ -299,7 +299,8 @@ def test_a_triggered_run_of_the_deployment_builds_the_dataset(client, served):
     )
 
     # a fresh run id per run: one new run folder under the spec's publish.dir, with the whole build in it
-    [run_dir] = (served["folder"] / "published" / "tiny-bios").iterdir()
+    dataset_folder = served["folder"] / "published" / "tiny-bios"
+    [run_dir] = [p for p in dataset_folder.iterdir() if p.is_dir()]  # beside the folder's .runs.lock
     result = json.loads((run_dir / "result.json").read_text())
     assert result["run_dir"] == str(run_dir) and result["run_id"] == run_dir.name
     assert (run_dir / "report.json").is_file() and (run_dir / "spec.yaml").read_text() == served["spec"].read_text()
