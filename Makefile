@@ -9,7 +9,7 @@ GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test test-full clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Adds the costliest end-to-end forms (tests marked full) and every case of the fault matrix.
+test-full: $(STAMP)
+	POLYCULTURE_TEST_FULL=1 $(PY) -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)

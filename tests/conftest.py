@@ -26,6 +26,17 @@ for key, value in {
 import pytest  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
+# The full run (make test-full) adds the costliest end-to-end forms of behaviours the default run also covers.
+FULL = os.environ.get("POLYCULTURE_TEST_FULL") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if FULL:
+        return
+    skip = pytest.mark.skip(reason="full run only (POLYCULTURE_TEST_FULL=1, make test-full); a cheaper test covers it")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
 
 SMALL_SCHEMA = {
     "type": "object",

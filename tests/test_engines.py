@@ -272,6 +272,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the default run: test_vllm_engine reseeds the in-process worker through the same extension
 def test_vllm_cpu_workers_in_processes_of_their_own_are_reseeded_by_name(tmp_path):
     """Two pipeline stages = two vLLM worker processes (measured ~70 s on 2 cores): a call seed still reproduces,
     through the worker extension called by name. Its own interpreter: vLLM caches its environment variables once an

@@ -7,7 +7,7 @@ same command finishes the run.
 
 The uninterrupted build runs once per module; the cases after generation start from copies of its shards (the kill
 points lie after them, and generating them again would only cost time). A representative subset runs by default;
-POLYCULTURE_FAULTS=all runs every case.
+POLYCULTURE_FAULTS=all (or the full run, make test-full) runs every case.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from test_resume import POLYCULTURE, _group_gone, _shards
 
 # The uninterrupted build (a module fixture) counts toward the first case's timeout: generation on a busy machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-ALL_FAULTS = os.environ.get("POLYCULTURE_FAULTS") == "all"
+ALL_FAULTS = os.environ.get("POLYCULTURE_FAULTS") == "all" or os.environ.get("POLYCULTURE_TEST_FULL") == "1"
 ALICE = "hf_aliceFAULTSTOKEN0123456789SECRET"
 DATASET = "tiny-bios"
 BUILD_TIMEOUT = 1200  # model load and generation on a busy 2-core machine
@@ -249,7 +249,7 @@ def test_killed_build_reruns_to_the_uninterrupted_dataset(
     point: KillPoint, builds: Builds, reference: Reference, hub: HubServer, tmp_path: Path
 ) -> None:
     if not (point.default or ALL_FAULTS):
-        pytest.skip("one of the full matrix: set POLYCULTURE_FAULTS=all")
+        pytest.skip("one of the full matrix: set POLYCULTURE_FAULTS=all or run make test-full")
     run_id = point.name
     publish = {"hub": {"repo_id": "alice/tiny-bios", "endpoint": hub.url, "push_on_build": True}} if point.hub else {}
     spec_path = _write_spec(tmp_path / "spec", {**reference.spec, "publish": publish})

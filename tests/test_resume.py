@@ -84,6 +84,7 @@ def _completions(run_dir: Path) -> pl.DataFrame:
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the default run: test_faults' generate-mid-shard case (the same kill, rerun and comparison)
 def test_killed_build_resumes_to_the_dataset_of_an_uninterrupted_build(spec_dir, tmp_path):
     spec = small_spec_dict(
         target_size=6,
@@ -145,6 +146,7 @@ def _flip_a_byte_the_reader_misses(path: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the default run: test_damaged_shards (every damage, set aside and generated again by the shard loop)
 def test_damaged_shards_are_set_aside_and_generated_again_to_the_same_dataset(spec_dir, tmp_path):
     spec = small_spec_dict(
         record={"schema": "../record.schema.json"},  # beside the spec's folder, as ../schemas/ is in a project
