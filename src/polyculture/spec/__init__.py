@@ -28,8 +28,10 @@ from polyculture.spec.quality import (
     SCORE_PREFIX,
     ExpressionCheck,
     FluencyCheck,
+    JudgeCheck,
     PythonCheck,
     QualityCheck,
+    rubric_variables,
 )
 from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
 from polyculture.spec.sections import (
@@ -65,6 +67,8 @@ __all__ = [
     "ExpressionCheck",
     "ExtractorSpec",
     "FluencyCheck",
+    "JudgeCheck",
+    "rubric_variables",
     "GenerationSpec",
     "HubSpec",
     "MethodName",
