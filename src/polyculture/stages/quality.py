@@ -123,7 +123,8 @@ def quality(
         columns[check.score_column] = [score for score, _, _ in outcomes]
         for i, (ok, why) in enumerate(verdicts):
             score = outcomes[i][0]
-            score_rows.append({"record_id": record_ids[i], "check": check.name, "score": score, "passed": ok, "note": why})
+            note = why if not ok else outcomes[i][2]  # a pass keeps what the check said (a judge's reason)
+            score_rows.append({"record_id": record_ids[i], "check": check.name, "score": score, "passed": ok, "note": note})
             if not ok:
                 passed_all[i] = False
                 if check.gate:
