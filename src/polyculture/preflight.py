@@ -43,6 +43,7 @@ from polyculture.spec import (
     FluencyCheck,
     JudgeCheck,
     ModelSpec,
+    ProseCheck,
     PythonCheck,
     QualityCheck,
     RecordSpec,
@@ -115,7 +116,7 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
             problems.append(
                 (("quality", i, "name"), f"the score column '{check.score_column}' is also a record field")
             )
-        fields = {"field": check.field} if isinstance(check, FluencyCheck) else {}
+        fields = {"field": check.field} if isinstance(check, FluencyCheck | ProseCheck) else {}
         if isinstance(check, ExpressionCheck):
             fields = {"expression_field": check.expression_field, "value_field": check.value_field}
         for key, name in fields.items():

@@ -1,7 +1,8 @@
 """The quality section: checks every record must pass (gate: true) or is only scored by (gate: false).
 
 One list entry per check, told apart by `kind` (a discriminated union): fluency (mean per-token log-probability under
-the build's model), judge (a chat model grades each record by a rubric, its answer constrained to JSON), expression (a
+the build's model), prose (Gopher's rules for text that reads as prose, and a repetition bound), judge (a chat model
+grades each record by a rubric, its answer constrained to JSON), expression (a
 formula in the record evaluated safely against the value the record claims) and python (a user function, run in worker
 processes with a per-record timeout). Each check publishes its score as the
 column `_quality_<name>`. What needs the disk (is the field in the record schema, does the module import) is
@@ -58,6 +59,37 @@ class FluencyCheck(_Check):
     def _one_threshold(self) -> FluencyCheck:
         if (self.threshold is None) == (self.quantile is None):
             raise ValueError("fluency takes exactly one of threshold (a log-prob, e.g. -4.0) or quantile (in (0, 1))")
+        return self
+
+
+class ProseCheck(_Check):
+    """Does a text field read as prose? Gopher's quality rules (Rae et al. 2021) sized for short records, and a
+    repetition bound: a cheap filter for what a fluency score rewards (a loop of one token is very probable)."""
+
+    kind: Literal["prose"]
+    field: str | None = Field(default=None, description="Record field checked (default: record.text_field's text).")
+    min_words: int = Field(default=5, ge=1, le=10_000, description="Fewer whitespace-separated words fail.")
+    min_mean_word_length: float = Field(default=3.0, ge=0, description="Mean word length (characters) below fails.")
+    max_mean_word_length: float = Field(
+        default=10.0, gt=0, description="Mean word length above fails (run-together text, code, a script's soup)."
+    )
+    min_alpha_words: float = Field(
+        default=0.8, ge=0, le=1, description="Share of words holding a letter below this fails (numbers, symbols)."
+    )
+    stop_words: list[str] = Field(
+        default=["the", "be", "to", "of", "and", "that", "have", "with", "a", "an", "in", "on", "at", "by", "for",
+                 "from", "or", "as", "is", "was", "are", "it", "his", "her", "their"],  # fmt: skip
+        description="Function words of the records' language (default English: Gopher's eight and other common ones).",
+    )
+    min_stop_words: int = Field(default=1, ge=0, description="Fewer distinct stop words than this fails.")
+    max_compression_ratio: float = Field(
+        default=2.5, gt=1, description="gzip ratio (bytes / compressed bytes) above this fails: loops and repeats."
+    )
+
+    @model_validator(mode="after")
+    def _word_lengths(self) -> ProseCheck:
+        if self.min_mean_word_length >= self.max_mean_word_length:
+            raise ValueError("min_mean_word_length must be below max_mean_word_length")
         return self
 
 
@@ -151,10 +183,12 @@ class PythonCheck(_Check):
         return self.function.split(":", 1)[1]
 
 
-QualityCheck = Annotated[FluencyCheck | JudgeCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")]
+QualityCheck = Annotated[
+    FluencyCheck | ProseCheck | JudgeCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")
+]
 
 
-def quality_names_problem(checks: list[FluencyCheck | JudgeCheck | ExpressionCheck | PythonCheck]) -> str | None:
+def quality_names_problem(checks: list[QualityCheck]) -> str | None:
     """Why the checks' names cannot all be score columns (repeated); None when they can."""
     names = [c.name for c in checks]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -1,10 +1,11 @@
 """quality: score every record by the spec's checks; a record failing a gated check leaves the pool as a reject.
 
 Runs after dedup and before extract and rebalance, on every round's pool, so only passing records count toward a
-quota and short cells are refilled by top-up rounds. Four kinds (spec.quality):
+quota and short cells are refilled by top-up rounds. Five kinds (spec.quality):
 - fluency: the mean per-token log-probability of a text under the build's model (`engine.sequence_logprobs`, batched,
   after one fixed neutral request, so the score is about the text and not about the prompt that asked for it); passes
   at or above `threshold`, or at or above the `quantile` of this pass's scores;
+- prose: Gopher's rules for text that reads as prose and a repetition bound (stages.quality_prose);
 - judge: a chat model grades the record by a rubric, answering JSON under a schema (stages.quality_judge); the build's
   engine, or the check's own model's engine;
 - expression: a formula in the record, evaluated safely, equal to the value it claims (stages.quality_expression);
@@ -27,9 +28,10 @@ import numpy as np
 import polars as pl
 
 from polyculture.engines.base import EngineError
-from polyculture.spec import ExpressionCheck, FluencyCheck, JudgeCheck, PythonCheck, QualityCheck
+from polyculture.spec import ExpressionCheck, FluencyCheck, JudgeCheck, ProseCheck, PythonCheck, QualityCheck
 from polyculture.stages.quality_expression import check_expression
 from polyculture.stages.quality_judge import judge_outcomes
+from polyculture.stages.quality_prose import prose_outcome
 from polyculture.stages.quality_python import Outcome, run_python_check
 from polyculture.stages.rejects import reject, rejects_frame
 
@@ -111,7 +113,7 @@ def quality(
     for check in checks:
         todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
         if todo:
-            if parsed is None and not (isinstance(check, FluencyCheck) and check.field is None):
+            if parsed is None and not (isinstance(check, FluencyCheck | ProseCheck) and check.field is None):
                 parsed = [_parse(raw) for raw in records["record_json"].to_list()]
             scorer = (judge_engines or {}).get(check.name, engine)
             found = _score(check, records, parsed, todo, scorer, Path(base_dir))
@@ -171,6 +173,10 @@ def _score(
         else:
             texts = [parsed[i].get(check.field) for i in todo]  # type: ignore[index]
         return fluency_outcomes(texts, engine, field=check.field or "text")
+    if isinstance(check, ProseCheck):
+        field = check.field or "text"
+        values = [records["text"][i] if check.field is None else parsed[i].get(check.field) for i in todo]  # type: ignore[index]
+        return [prose_outcome(value, check, field=field) for value in values]
     assert parsed is not None
     if isinstance(check, JudgeCheck):
         if engine is None:
