@@ -234,7 +234,7 @@ def test_every_problem_is_listed_at_once_in_field_order(spec_dir):
 
 def test_quality_checks_refused_naming_the_field(spec_dir):
     fluency = {"name": "fluent", "kind": "fluency", "threshold": -6.0}
-    assert "quality.0.kind" in _refused(spec_dir, small_spec_dict(quality=[{**fluency, "kind": "judge"}]))
+    assert "quality.0.kind" in _refused(spec_dir, small_spec_dict(quality=[{**fluency, "kind": "llm_judge"}]))
     assert "quality.0.kind: Unable to extract tag" in _refused(spec_dir, small_spec_dict(quality=[{"name": "x"}]))
     both = _refused(spec_dir, small_spec_dict(quality=[{**fluency, "quantile": 0.2}]))
     assert "quality.0: fluency takes exactly one of threshold" in both
@@ -253,6 +253,26 @@ def test_quality_checks_refused_naming_the_field(spec_dir):
         small_spec_dict(quality=[{"name": "m", "kind": "expression", "expression_field": "bio",
                                   "value_field": "birth_year", "tolerance": -1}]),  # fmt: skip
     )
+
+
+def test_judge_checks_refused_naming_the_field(spec_dir):
+    judge = {"name": "readable", "kind": "judge", "rubric": "Is this readable English? {{ bio }}", "threshold": 3}
+    assert parse_spec(small_spec_dict(quality=[judge]), spec_dir).quality[0].max_score == 5
+    cases = {
+        "quality.0.rubric: names no record field": {"rubric": "Is it good?"},
+        "quality.0.rubric: is not a valid Jinja2 template": {"rubric": "{{ bio"},
+        "quality.0: threshold 6 is outside [min_score, max_score] = [1, 5]": {"threshold": 6},
+        "quality.0: min_score (5) must be below max_score (5)": {"min_score": 5},
+        "quality.0.samples": {"samples": 0},
+        "quality.0.threshold: Field required": {"threshold": None},
+        "quality.0.model.engine": {"model": {"name": "smollm2-135m-instruct", "engine": "llama.cpp"}},
+        # preflight: the rubric's names are record fields, the judge's own model loads here
+        "quality.0.rubric: names ['biography'], not in the record schema's properties": {"rubric": "{{ biography }}"},
+        "quality.0.model: ": {"model": {"name": "gpt-17", "engine": "transformers"}},
+    }
+    for expected, change in cases.items():
+        check = {k: v for k, v in {**judge, **change}.items() if v is not None}
+        assert expected in _refused(spec_dir, small_spec_dict(quality=[check])), expected
 
 
 def test_quality_fields_and_functions_are_checked_against_the_disk(spec_dir):

@@ -41,13 +41,16 @@ from polyculture.spec import (
     DedupSpec,
     ExpressionCheck,
     FluencyCheck,
+    JudgeCheck,
     ModelSpec,
+    ProseCheck,
     PythonCheck,
     QualityCheck,
     RecordSpec,
     SpecError,
     attribute_names_problem,
     error_lines,
+    rubric_variables,
     spec_error_message,
 )
 from polyculture.user_functions import FunctionUnavailable, load_function
@@ -103,8 +106,9 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
 
 
 def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_dir: Path) -> list[Problem]:
-    """Each quality check's fields must be in the record schema, its score column must not shadow a record field, and
-    a python check's function must import (its module beside the spec or on the path)."""
+    """Each quality check's fields must be in the record schema, its score column must not shadow a record field, a
+    judge's rubric must name record fields only and its own model (when set) must load here, and a python check's
+    function must import (its module beside the spec or on the path)."""
     props = schema.get("properties", {})
     problems: list[Problem] = []
     for i, check in enumerate(checks):
@@ -112,7 +116,7 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
             problems.append(
                 (("quality", i, "name"), f"the score column '{check.score_column}' is also a record field")
             )
-        fields = {"field": check.field} if isinstance(check, FluencyCheck) else {}
+        fields = {"field": check.field} if isinstance(check, FluencyCheck | ProseCheck) else {}
         if isinstance(check, ExpressionCheck):
             fields = {"expression_field": check.expression_field, "value_field": check.value_field}
         for key, name in fields.items():
@@ -120,6 +124,14 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
                 problems.append(
                     (("quality", i, key), f"'{name}' is not in the record schema's properties {sorted(props)}")
                 )
+        if isinstance(check, JudgeCheck):
+            unknown = sorted(rubric_variables(check.rubric) - set(props))
+            if unknown:
+                problems.append(
+                    (("quality", i, "rubric"), f"names {unknown}, not in the record schema's properties {sorted(props)}")
+                )
+            if check.model is not None:
+                problems += [(("quality", i, *where), why) for where, why in _model_problems(check.model, base_dir)]
         if isinstance(check, PythonCheck):
             try:
                 load_function(check.function, base_dir)
@@ -201,8 +213,9 @@ def adapter_problem(model: ModelSpec, base_dir: Path) -> str | None:
 def check_models(spec: BuildSpec) -> None:
     """Resolve both models and pick the dedup index before any long work; raises ModelUnavailable or
     IndexUnavailable."""
-    if spec.model.engine != "openai":  # a server's model id is checked by the engine against the server
-        resolve_chat_model(spec.model.name, spec.base_dir)
+    for model in [spec.model] + [c.model for c in spec.quality if isinstance(c, JudgeCheck) and c.model is not None]:
+        if model.engine != "openai":  # a server's model id is checked by the engine against the server
+            resolve_chat_model(model.name, spec.base_dir)
     resolve_embedding_model(spec.dedup.embedding_model, spec.base_dir)
     from polyculture.index.similarity import choose_index  # faiss: imported only by commands about to build
 

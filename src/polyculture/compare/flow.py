@@ -33,7 +33,7 @@ from polyculture.compare.metrics import comparison_report, failed_method, method
 from polyculture.compare.quality import check_entries, shared_checks
 from polyculture.compare.render import write_comparison
 from polyculture.engines.base import Engine
-from polyculture.flows.common import embed_task, load_engine
+from polyculture.flows.common import close_shared_engines, embed_task, judge_engines, load_engine
 from polyculture.methods import Method, get_method
 from polyculture.preflight import load_spec
 from polyculture.runs.folders import new_run_id
@@ -68,7 +68,10 @@ def score_task(
     spec: BuildSpec, validated: ValidationResult, embeddings: np.ndarray, engine: Engine, known: ScoreCache
 ) -> None:
     """Fill `known` with every check's score of the method's valid records (verdicts wait for the shared thresholds)."""
-    quality(validated.records, embeddings, spec.quality, engine=engine, base_dir=spec.base_dir, known=known)
+    quality(
+        validated.records, embeddings, spec.quality, engine=engine, judge_engines=judge_engines(spec),
+        base_dir=spec.base_dir, known=known,
+    )  # fmt: skip
 
 
 @task(name="method-metrics", cache_policy=NONE)
@@ -151,6 +154,7 @@ def compare_methods(
                 progress.report("methods", len(results) + len(ran), len(names), name)
         finally:
             engine.close()
+            close_shared_engines()  # the judges' own models
 
     # Every method judged by the same thresholds, from its cached scores (no engine needed any more).
     checks = shared_checks(spec.quality, [known for *_, known in ran.values()])

@@ -26,7 +26,13 @@ from prefect.task_runners import TaskRunner
 
 from polyculture import progress
 from polyculture.engines.base import Engine, EngineError
-from polyculture.flows.common import close_shared_engines, embed_task, shared_engine
+from polyculture.flows.common import (
+    close_shared_engines,
+    embed_task,
+    judge_engines,
+    needs_build_engine_for_quality,
+    shared_engine,
+)
 from polyculture.flows.runners import task_runner_for
 from polyculture.flows.shards import prefect_shards
 from polyculture.hub.push import HubError, push_dataset, pushed_before
@@ -138,7 +144,10 @@ def decontaminate_task(
 def quality_task(
     spec: BuildSpec, records: pl.DataFrame, embeddings: np.ndarray, engine: Engine | None, known: ScoreCache
 ) -> QualityResult:
-    return quality(records, embeddings, spec.quality, engine=engine, base_dir=spec.base_dir, known=known)
+    return quality(
+        records, embeddings, spec.quality, engine=engine, judge_engines=judge_engines(spec), base_dir=spec.base_dir,
+        known=known,
+    )  # fmt: skip
 
 
 @task(name="extract", cache_policy=NONE)
@@ -335,9 +344,10 @@ def _build(
     benchmarks = load_benchmarks(spec.decontaminate, spec.base_dir) if spec.decontaminate is not None else []
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
-    # The engine extractor and the fluency check read records with the build's chat model, here in the build's process.
+    # The engine extractor, the fluency check and a judge without its own model read records with the build's chat
+    # model, here in the build's process.
     reads_with_engine = any(a.extractor is not None and a.extractor.method == "engine" for a in spec.extract_attributes)
-    scores_with_engine = any(check.kind == "fluency" for check in spec.quality)
+    scores_with_engine = needs_build_engine_for_quality(spec)
     engine = shared_engine(spec)[0].engine if reads_with_engine or scores_with_engine else None
     known: ExtractedLabels = {}
     scores = _read_scores(run_dir / QUALITY_SCORES_FILE)

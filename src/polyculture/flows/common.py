@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from polyculture import progress
 from polyculture.engines.base import Engine
 from polyculture.engines.factory import create_engine
-from polyculture.spec import BuildSpec
+from polyculture.spec import BuildSpec, FluencyCheck, JudgeCheck, ModelSpec
 from polyculture.stages.embed import load_embedder
 
 
@@ -32,19 +32,38 @@ _ENGINES: dict[str, SharedEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def shared_engine(spec: BuildSpec) -> tuple[SharedEngine, bool]:
-    """This process's engine for the spec's model (loaded on first use); and whether this call loaded it.
+def shared_engine(spec: BuildSpec, model: ModelSpec | None = None) -> tuple[SharedEngine, bool]:
+    """This process's engine for the spec's model, or for `model` (a judge's own; loaded on first use); and whether
+    this call loaded it.
 
     Keyed on everything that decides the engine (model section, seed, the folder relative paths start from), so
     a Dask or Ray worker serving several builds keeps one engine per model.
     """
-    key = json.dumps([spec.model.model_dump(mode="json"), spec.seed, str(spec.base_dir)], sort_keys=True)
+    model = spec.model if model is None else model
+    key = json.dumps([model.model_dump(mode="json"), spec.seed, str(spec.base_dir)], sort_keys=True)
     with _ENGINES_LOCK:  # two threads asking at once must not load the model twice
         if key in _ENGINES:
             return _ENGINES[key], False
-        engine, seconds = load_engine(spec)
+        engine, seconds = load_engine(spec, model)
         _ENGINES[key] = SharedEngine(engine, seconds)
         return _ENGINES[key], True
+
+
+def judge_engines(spec: BuildSpec) -> dict[str, Engine]:
+    """The engines of the judge checks that name a model of their own, by check name (the others use the build's)."""
+    return {
+        check.name: shared_engine(spec, check.model)[0].engine
+        for check in spec.quality
+        if isinstance(check, JudgeCheck) and check.model is not None
+    }
+
+
+def needs_build_engine_for_quality(spec: BuildSpec) -> bool:
+    """Whether a quality check reads records with the build's own model (fluency; a judge without a model)."""
+    return any(
+        isinstance(check, FluencyCheck) or (isinstance(check, JudgeCheck) and check.model is None)
+        for check in spec.quality
+    )
 
 
 def close_shared_engines() -> None:
@@ -55,11 +74,12 @@ def close_shared_engines() -> None:
             shared.engine.close()
 
 
-def load_engine(spec: BuildSpec) -> tuple[Engine, float]:
-    """The spec's engine, and the seconds it took to start (reported to the progress display)."""
-    progress.report("load model", 0, 1, f"{spec.model.engine}: {spec.model.label}")
+def load_engine(spec: BuildSpec, model: ModelSpec | None = None) -> tuple[Engine, float]:
+    """The spec's engine (or `model`'s), and the seconds it took to start (reported to the progress display)."""
+    model = spec.model if model is None else model
+    progress.report("load model", 0, 1, f"{model.engine}: {model.label}")
     started = time.perf_counter()
-    engine = create_engine(spec.model, seed=spec.seed, base_dir=spec.base_dir)
+    engine = create_engine(model, seed=spec.seed, base_dir=spec.base_dir)
     seconds = time.perf_counter() - started
     progress.report("load model", 1, 1, f"{seconds:.0f} s")
     return engine, seconds

@@ -28,8 +28,11 @@ from polyculture.spec.quality import (
     SCORE_PREFIX,
     ExpressionCheck,
     FluencyCheck,
+    JudgeCheck,
+    ProseCheck,
     PythonCheck,
     QualityCheck,
+    rubric_variables,
 )
 from polyculture.spec.scheduling import RunnerSpec, ScheduleSpec
 from polyculture.spec.sections import (
@@ -65,6 +68,9 @@ __all__ = [
     "ExpressionCheck",
     "ExtractorSpec",
     "FluencyCheck",
+    "JudgeCheck",
+    "ProseCheck",
+    "rubric_variables",
     "GenerationSpec",
     "HubSpec",
     "MethodName",

@@ -1,8 +1,10 @@
 """The quality section: checks every record must pass (gate: true) or is only scored by (gate: false).
 
 One list entry per check, told apart by `kind` (a discriminated union): fluency (mean per-token log-probability under
-the build's model), expression (a formula in the record evaluated safely against the value the record claims) and
-python (a user function, run in worker processes with a per-record timeout). Each check publishes its score as the
+the build's model), prose (Gopher's rules for text that reads as prose, and a repetition bound), judge (a chat model
+grades each record by a rubric, its answer constrained to JSON), expression (a
+formula in the record evaluated safely against the value the record claims) and python (a user function, run in worker
+processes with a per-record timeout). Each check publishes its score as the
 column `_quality_<name>`. What needs the disk (is the field in the record schema, does the module import) is
 `polyculture.preflight`'s business.
 """
@@ -12,9 +14,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
+import jinja2
+import jinja2.meta
 from pydantic import Field, field_validator, model_validator
 
 from polyculture.spec.base import _Strict
+from polyculture.spec.model import ModelSpec
 
 CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 # "package.module:function": a plain name after the colon keeps the worker's lookup to one getattr.
@@ -55,6 +60,85 @@ class FluencyCheck(_Check):
         if (self.threshold is None) == (self.quantile is None):
             raise ValueError("fluency takes exactly one of threshold (a log-prob, e.g. -4.0) or quantile (in (0, 1))")
         return self
+
+
+class ProseCheck(_Check):
+    """Does a text field read as prose? Gopher's quality rules (Rae et al. 2021) sized for short records, and a
+    repetition bound: a cheap filter for what a fluency score rewards (a loop of one token is very probable)."""
+
+    kind: Literal["prose"]
+    field: str | None = Field(default=None, description="Record field checked (default: record.text_field's text).")
+    min_words: int = Field(default=5, ge=1, le=10_000, description="Fewer whitespace-separated words fail.")
+    min_mean_word_length: float = Field(default=3.0, ge=0, description="Mean word length (characters) below fails.")
+    max_mean_word_length: float = Field(
+        default=10.0, gt=0, description="Mean word length above fails (run-together text, code, a script's soup)."
+    )
+    min_alpha_words: float = Field(
+        default=0.8, ge=0, le=1, description="Share of words holding a letter below this fails (numbers, symbols)."
+    )
+    stop_words: list[str] = Field(
+        default=["the", "be", "to", "of", "and", "that", "have", "with", "a", "an", "in", "on", "at", "by", "for",
+                 "from", "or", "as", "is", "was", "are", "it", "his", "her", "their"],  # fmt: skip
+        description="Function words of the records' language (default English: Gopher's eight and other common ones).",
+    )
+    min_stop_words: int = Field(default=1, ge=0, description="Fewer distinct stop words than this fails.")
+    max_compression_ratio: float = Field(
+        default=2.5, gt=1, description="gzip ratio (bytes / compressed bytes) above this fails: loops and repeats."
+    )
+
+    @model_validator(mode="after")
+    def _word_lengths(self) -> ProseCheck:
+        if self.min_mean_word_length >= self.max_mean_word_length:
+            raise ValueError("min_mean_word_length must be below max_mean_word_length")
+        return self
+
+
+class JudgeCheck(_Check):
+    """A chat model grades each record by a rubric; its answer is constrained to JSON {reason, score} with the score an
+    integer in [min_score, max_score]; the record passes when its (mean) score is at or above `threshold`."""
+
+    kind: Literal["judge"]
+    rubric: str = Field(
+        min_length=1,
+        description="Jinja2 template over the record's fields (e.g. '{{ bio }}'): what to grade and how each score "
+        "reads. The instruction to answer as JSON with the score range is added after it.",
+    )
+    min_score: int = Field(default=1, ge=0, le=100, description="Lowest score the judge may give.")
+    max_score: int = Field(default=5, ge=1, le=100, description="Highest score the judge may give.")
+    threshold: float = Field(description="A record passes when its (mean) score is at or above this.")
+    samples: int = Field(
+        default=1, ge=1, le=16, description="1: one greedy verdict; more: the mean score of that many samples."
+    )
+    temperature: float = Field(default=0.7, gt=0, le=2, description="Sampling temperature when samples > 1.")
+    max_tokens: int = Field(default=256, ge=16, le=4096, description="Tokens for one verdict (reason and score).")
+    model: ModelSpec | None = Field(
+        default=None, description="The judge's own model (any engine); default: the build's model and engine."
+    )
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric_parses(cls, rubric: str) -> str:
+        try:
+            variables = rubric_variables(rubric)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"is not a valid Jinja2 template: {exc.message} (line {exc.lineno})") from None
+        if not variables:
+            raise ValueError("names no record field (e.g. '{{ bio }}'): the judge would grade nothing")
+        return rubric
+
+    @model_validator(mode="after")
+    def _range(self) -> JudgeCheck:
+        if self.min_score >= self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) must be below max_score ({self.max_score})")
+        if not self.min_score <= self.threshold <= self.max_score:
+            raise ValueError(f"threshold {self.threshold:g} is outside [min_score, max_score] = "
+                             f"[{self.min_score}, {self.max_score}]")  # fmt: skip
+        return self
+
+
+def rubric_variables(rubric: str) -> set[str]:
+    """The record fields a judge's rubric names."""
+    return jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(rubric))
 
 
 class ExpressionCheck(_Check):
@@ -99,10 +183,12 @@ class PythonCheck(_Check):
         return self.function.split(":", 1)[1]
 
 
-QualityCheck = Annotated[FluencyCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")]
+QualityCheck = Annotated[
+    FluencyCheck | ProseCheck | JudgeCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")
+]
 
 
-def quality_names_problem(checks: list[FluencyCheck | ExpressionCheck | PythonCheck]) -> str | None:
+def quality_names_problem(checks: list[QualityCheck]) -> str | None:
     """Why the checks' names cannot all be score columns (repeated); None when they can."""
     names = [c.name for c in checks]
     repeated = sorted({n for n in names if names.count(n) > 1})

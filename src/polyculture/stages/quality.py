@@ -1,10 +1,13 @@
 """quality: score every record by the spec's checks; a record failing a gated check leaves the pool as a reject.
 
 Runs after dedup and before extract and rebalance, on every round's pool, so only passing records count toward a
-quota and short cells are refilled by top-up rounds. Three kinds (spec.quality):
+quota and short cells are refilled by top-up rounds. Five kinds (spec.quality):
 - fluency: the mean per-token log-probability of a text under the build's model (`engine.sequence_logprobs`, batched,
   after one fixed neutral request, so the score is about the text and not about the prompt that asked for it); passes
   at or above `threshold`, or at or above the `quantile` of this pass's scores;
+- prose: Gopher's rules for text that reads as prose and a repetition bound (stages.quality_prose);
+- judge: a chat model grades the record by a rubric, answering JSON under a schema (stages.quality_judge); the build's
+  engine, or the check's own model's engine;
 - expression: a formula in the record, evaluated safely, equal to the value it claims (stages.quality_expression);
 - python: a user function in worker processes with a per-record timeout (stages.quality_python).
 Every check's score becomes the column `_quality_<name>` (null where the record could not be scored) and `_quality`
@@ -25,12 +28,16 @@ import numpy as np
 import polars as pl
 
 from polyculture.engines.base import EngineError
-from polyculture.spec import ExpressionCheck, FluencyCheck, PythonCheck, QualityCheck
+from polyculture.spec import ExpressionCheck, FluencyCheck, JudgeCheck, ProseCheck, PythonCheck, QualityCheck
 from polyculture.stages.quality_expression import check_expression
+from polyculture.stages.quality_judge import judge_outcomes
+from polyculture.stages.quality_prose import prose_outcome
 from polyculture.stages.quality_python import Outcome, run_python_check
 from polyculture.stages.rejects import reject, rejects_frame
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from polyculture.engines.base import Conversation, Engine
 
 STAGE = "quality"
@@ -83,11 +90,13 @@ def quality(
     checks: list[QualityCheck],
     *,
     engine: Engine | None = None,
+    judge_engines: Mapping[str, Engine] | None = None,
     base_dir: Path | str = ".",
     known: ScoreCache | None = None,
 ) -> QualityResult:
-    """Score `records` by `checks` (the spec's quality section); `engine` scores fluency, `base_dir` is where a python
-    check's module is found (the spec's folder), `known` the scores of earlier passes (filled in place)."""
+    """Score `records` by `checks` (the spec's quality section); `engine` (the build's) scores fluency and the judges
+    without a model of their own, `judge_engines` holds the others' by check name, `base_dir` is where a python check's
+    module is found (the spec's folder), `known` the scores of earlier passes (filled in place)."""
     embeddings = np.asarray(embeddings)
     if embeddings.shape[0] != records.height:
         raise ValueError(f"records and embeddings are misaligned: {records.height} records, {embeddings.shape[0]} rows")
@@ -104,9 +113,10 @@ def quality(
     for check in checks:
         todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
         if todo:
-            if parsed is None and not (isinstance(check, FluencyCheck) and check.field is None):
+            if parsed is None and not (isinstance(check, FluencyCheck | ProseCheck) and check.field is None):
                 parsed = [_parse(raw) for raw in records["record_json"].to_list()]
-            found = _score(check, records, parsed, todo, engine, Path(base_dir))
+            scorer = (judge_engines or {}).get(check.name, engine)
+            found = _score(check, records, parsed, todo, scorer, Path(base_dir))
             for i, outcome in zip(todo, found, strict=True):
                 known[(check.name, record_ids[i])] = outcome
         outcomes = [known[(check.name, rid)] for rid in record_ids]
@@ -115,7 +125,8 @@ def quality(
         columns[check.score_column] = [score for score, _, _ in outcomes]
         for i, (ok, why) in enumerate(verdicts):
             score = outcomes[i][0]
-            score_rows.append({"record_id": record_ids[i], "check": check.name, "score": score, "passed": ok, "note": why})
+            note = why if not ok else outcomes[i][2]  # a pass keeps what the check said (a judge's reason)
+            score_rows.append({"record_id": record_ids[i], "check": check.name, "score": score, "passed": ok, "note": note})
             if not ok:
                 passed_all[i] = False
                 if check.gate:
@@ -162,7 +173,16 @@ def _score(
         else:
             texts = [parsed[i].get(check.field) for i in todo]  # type: ignore[index]
         return fluency_outcomes(texts, engine, field=check.field or "text")
+    if isinstance(check, ProseCheck):
+        field = check.field or "text"
+        values = [records["text"][i] if check.field is None else parsed[i].get(check.field) for i in todo]  # type: ignore[index]
+        return [prose_outcome(value, check, field=field) for value in values]
     assert parsed is not None
+    if isinstance(check, JudgeCheck):
+        if engine is None:
+            raise ValueError(f"quality check '{check.name}' (judge) needs an engine")
+        ids = records["record_id"].cast(pl.String).to_list()
+        return judge_outcomes([parsed[i] for i in todo], [ids[i] for i in todo], check, engine)
     if isinstance(check, ExpressionCheck):
         results = [check_expression(parsed[i], check) for i in todo]
         return [(1.0 if ok else 0.0, ok, why) for ok, why in results]
@@ -227,7 +247,7 @@ def _threshold(check: QualityCheck, outcomes: list[Outcome]) -> float | None:
     if isinstance(check, FluencyCheck) and check.quantile is not None:
         scores = [s for s, verdict, _ in outcomes if s is not None and verdict is None]
         return float(np.quantile(scores, check.quantile)) if scores else None
-    if isinstance(check, FluencyCheck | PythonCheck):
+    if isinstance(check, FluencyCheck | JudgeCheck | PythonCheck):
         return check.threshold
     return None
 
