@@ -153,7 +153,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.axvline(1.6, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("median tokens per word of passing records (lower: more like prose)")
     ax.set_ylabel("semantic diversity of passing records")
-    ax.set_title("Demo frontier: temperature x fluency gate")
+    ax.set_title("Demo frontier: temperature x quality gate")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -42,6 +42,7 @@ from polyculture.spec import (
     ExpressionCheck,
     FluencyCheck,
     JudgeCheck,
+    MathAnswerCheck,
     ModelSpec,
     ProseCheck,
     PythonCheck,
@@ -119,6 +120,8 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
         fields = {"field": check.field} if isinstance(check, FluencyCheck | ProseCheck) else {}
         if isinstance(check, ExpressionCheck):
             fields = {"expression_field": check.expression_field, "value_field": check.value_field}
+        if isinstance(check, MathAnswerCheck):
+            fields = {"problem_field": check.problem_field, "answer_field": check.answer_field}
         for key, name in fields.items():
             if name is not None and name not in props:
                 problems.append(

@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from polyculture import progress
 from polyculture.engines.base import Engine
 from polyculture.engines.factory import create_engine
-from polyculture.spec import BuildSpec, FluencyCheck, JudgeCheck, ModelSpec
+from polyculture.spec import BuildSpec, FluencyCheck, JudgeCheck, MathAnswerCheck, ModelSpec
 from polyculture.stages.embed import load_embedder
 
 
@@ -59,9 +59,10 @@ def judge_engines(spec: BuildSpec) -> dict[str, Engine]:
 
 
 def needs_build_engine_for_quality(spec: BuildSpec) -> bool:
-    """Whether a quality check reads records with the build's own model (fluency; a judge without a model)."""
+    """Whether a quality check reads records with the build's own model (fluency, math_answer; a judge without a
+    model of its own)."""
     return any(
-        isinstance(check, FluencyCheck) or (isinstance(check, JudgeCheck) and check.model is None)
+        isinstance(check, FluencyCheck | MathAnswerCheck) or (isinstance(check, JudgeCheck) and check.model is None)
         for check in spec.quality
     )
 

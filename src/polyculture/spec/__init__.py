@@ -26,9 +26,11 @@ from polyculture.spec.model import ADAPTER_WITH_SERVER, VLLM_RESERVED_ARGS, Mode
 from polyculture.spec.outputs import HUB_REPO_ID, HubSpec, PublishSpec, ReportReference, ReportSpec
 from polyculture.spec.quality import (
     SCORE_PREFIX,
+    SOLVE_RATE_COLUMN,
     ExpressionCheck,
     FluencyCheck,
     JudgeCheck,
+    MathAnswerCheck,
     ProseCheck,
     PythonCheck,
     QualityCheck,
@@ -57,6 +59,7 @@ __all__ = [
     "HUB_REPO_ID",
     "RESERVED_COLUMNS",
     "SCORE_PREFIX",
+    "SOLVE_RATE_COLUMN",
     "TEMPLATE_BUILTINS",
     "VLLM_RESERVED_ARGS",
     "Attribute",
@@ -69,6 +72,7 @@ __all__ = [
     "ExtractorSpec",
     "FluencyCheck",
     "JudgeCheck",
+    "MathAnswerCheck",
     "ProseCheck",
     "rubric_variables",
     "GenerationSpec",

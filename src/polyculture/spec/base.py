@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 # Lists of tagged unions: pydantic puts the tag in an error's location (quality.0.python.function); the author
 # wrote quality.0.function.
-TAGGED_LISTS = {"quality": ("fluency", "prose", "judge", "expression", "python")}
+TAGGED_LISTS = {"quality": ("fluency", "prose", "judge", "math_answer", "expression", "python")}
 
 
 class SpecError(ValueError):

@@ -2,7 +2,8 @@
 
 One list entry per check, told apart by `kind` (a discriminated union): fluency (mean per-token log-probability under
 the build's model), prose (Gopher's rules for text that reads as prose, and a repetition bound), judge (a chat model
-grades each record by a rubric, its answer constrained to JSON), expression (a
+grades each record by a rubric, its answer constrained to JSON), math_answer (a problem solved again several times
+must have the author's answer as its majority answer), expression (a
 formula in the record evaluated safely against the value the record claims) and python (a user function, run in worker
 processes with a per-record timeout). Each check publishes its score as the
 column `_quality_<name>`. What needs the disk (is the field in the record schema, does the module import) is
@@ -25,6 +26,7 @@ CHECK_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 # "package.module:function": a plain name after the colon keeps the worker's lookup to one getattr.
 FUNCTION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 SCORE_PREFIX = "_quality_"
+SOLVE_RATE_COLUMN = "_solve_rate"
 
 
 class _Check(_Strict):
@@ -140,6 +142,46 @@ def rubric_variables(rubric: str) -> set[str]:
     """The record fields a judge's rubric names."""
     return jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(rubric))
 
+class MathAnswerCheck(_Check):
+    """Solve each problem again `solves` times and keep it only when the majority answer (grouped by math-verify
+    equivalence) is the author's, with enough agreement; the score is that agreement, `_solve_rate` the share of
+    solutions equal to the author's answer."""
+
+    kind: Literal["math_answer"]
+    problem_field: str = Field(default="problem", description="Record field holding the problem statement.")
+    answer_field: str = Field(default="answer", description="Record field holding the author's final answer.")
+    solves: int = Field(default=4, ge=3, le=32, description="Independent solutions per problem (3 or more: a majority).")
+    min_agreement: float = Field(
+        default=0.5, gt=0, le=1, description="Share of solutions that must give the majority answer."
+    )
+    solve_rate: tuple[float, float] | None = Field(
+        default=None,
+        description="[min, max] share of solutions equal to the author's answer that passes (e.g. [0.1, 0.9]: "
+        "neither trivial nor hopeless); none: no bound.",
+    )
+    solve_template: str = Field(
+        default="Solve this problem step by step. Put only the final answer inside \\boxed{}.\n\n{problem}",
+        description="The one user turn that asks for a solution; `{problem}` is replaced by the problem.",
+    )
+    temperature: float = Field(default=0.7, gt=0, le=2, description="Sampling temperature of the solutions.")
+    max_tokens: int = Field(default=512, ge=16, le=8192, description="Tokens per solution.")
+    timeout_s: float = Field(default=10.0, gt=0, le=600, description="Time to parse and compare one problem's answers.")
+    workers: int = Field(default=2, ge=1, le=64, description="Worker processes that parse and compare answers.")
+
+    @field_validator("solve_template")
+    @classmethod
+    def _has_problem(cls, template: str) -> str:
+        if "{problem}" not in template:
+            raise ValueError("must contain {problem}, where the problem statement goes")
+        return template
+
+    @field_validator("solve_rate")
+    @classmethod
+    def _rate_range(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
+            raise ValueError(f"must be [min, max] with 0 <= min <= max <= 1; got {list(bounds)}")
+        return bounds
+
 
 class ExpressionCheck(_Check):
     """A formula held in one field, evaluated safely (simpleeval, bounded), must equal the value another field claims."""
@@ -184,7 +226,7 @@ class PythonCheck(_Check):
 
 
 QualityCheck = Annotated[
-    FluencyCheck | ProseCheck | JudgeCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")
+    FluencyCheck | ProseCheck | JudgeCheck | MathAnswerCheck | ExpressionCheck | PythonCheck, Field(discriminator="kind")
 ]
 
 
@@ -192,4 +234,8 @@ def quality_names_problem(checks: list[QualityCheck]) -> str | None:
     """Why the checks' names cannot all be score columns (repeated); None when they can."""
     names = [c.name for c in checks]
     repeated = sorted({n for n in names if names.count(n) > 1})
-    return f"quality: check names must be distinct; repeated: {repeated}" if repeated else None
+    if repeated:
+        return f"quality: check names must be distinct; repeated: {repeated}"
+    if sum(c.kind == "math_answer" for c in checks) > 1:
+        return f"quality: one math_answer check at most (its solve rate is the one column {SOLVE_RATE_COLUMN})"
+    return None

@@ -1,11 +1,13 @@
 """quality: score every record by the spec's checks; a record failing a gated check leaves the pool as a reject.
 
 Runs after dedup and before extract and rebalance, on every round's pool, so only passing records count toward a
-quota and short cells are refilled by top-up rounds. Five kinds (spec.quality):
+quota and short cells are refilled by top-up rounds. Six kinds (spec.quality):
 - fluency: the mean per-token log-probability of a text under the build's model (`engine.sequence_logprobs`, batched,
   after one fixed neutral request, so the score is about the text and not about the prompt that asked for it); passes
   at or above `threshold`, or at or above the `quantile` of this pass's scores;
 - prose: Gopher's rules for text that reads as prose and a repetition bound (stages.quality_prose);
+- math_answer: the problem solved again several times, the majority answer (math-verify) must be the author's
+  (stages.quality_math; the solve rate is cached beside the score and published as `_solve_rate`);
 - judge: a chat model grades the record by a rubric, answering JSON under a schema (stages.quality_judge); the build's
   engine, or the check's own model's engine;
 - expression: a formula in the record, evaluated safely, equal to the value it claims (stages.quality_expression);
@@ -28,9 +30,19 @@ import numpy as np
 import polars as pl
 
 from polyculture.engines.base import EngineError
-from polyculture.spec import ExpressionCheck, FluencyCheck, JudgeCheck, ProseCheck, PythonCheck, QualityCheck
+from polyculture.spec import (
+    SOLVE_RATE_COLUMN,
+    ExpressionCheck,
+    FluencyCheck,
+    JudgeCheck,
+    MathAnswerCheck,
+    ProseCheck,
+    PythonCheck,
+    QualityCheck,
+)
 from polyculture.stages.quality_expression import check_expression
 from polyculture.stages.quality_judge import judge_outcomes
+from polyculture.stages.quality_math import math_outcomes
 from polyculture.stages.quality_prose import prose_outcome
 from polyculture.stages.quality_python import Outcome, run_python_check
 from polyculture.stages.rejects import reject, rejects_frame
@@ -69,6 +81,7 @@ class CheckCounts:
     failed: int
     unscored: int
     threshold: float | None
+    tokens: int = 0  # engine tokens this pass spent scoring (judge, math_answer solutions)
 
 
 @dataclass(frozen=True)
@@ -110,19 +123,27 @@ def quality(
     failures: dict[int, list[str]] = {}
     score_rows: list[dict[str, Any]] = []
     counts = []
+    spent: dict[str, int] = {}
     for check in checks:
         todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
         if todo:
             if parsed is None and not (isinstance(check, FluencyCheck | ProseCheck) and check.field is None):
                 parsed = [_parse(raw) for raw in records["record_json"].to_list()]
             scorer = (judge_engines or {}).get(check.name, engine)
-            found = _score(check, records, parsed, todo, scorer, Path(base_dir))
+            if isinstance(check, MathAnswerCheck):
+                found, rates, spent[check.name] = _solve(check, records, parsed, todo, scorer)
+                for i, rate in zip(todo, rates, strict=True):
+                    known[(solve_rate_key(check.name), record_ids[i])] = (rate, None, None)
+            else:
+                found = _score(check, records, parsed, todo, scorer, Path(base_dir))
             for i, outcome in zip(todo, found, strict=True):
                 known[(check.name, record_ids[i])] = outcome
         outcomes = [known[(check.name, rid)] for rid in record_ids]
         threshold = _threshold(check, outcomes)
         verdicts = [_judge(check, outcome, threshold) for outcome in outcomes]
         columns[check.score_column] = [score for score, _, _ in outcomes]
+        if isinstance(check, MathAnswerCheck):
+            columns[SOLVE_RATE_COLUMN] = [known.get((solve_rate_key(check.name), rid), (None,))[0] for rid in record_ids]
         for i, (ok, why) in enumerate(verdicts):
             score = outcomes[i][0]
             note = why if not ok else outcomes[i][2]  # a pass keeps what the check said (a judge's reason)
@@ -136,7 +157,7 @@ def quality(
             CheckCounts(
                 name=check.name, kind=check.kind, gate=check.gate, checked=len(outcomes),
                 passed=sum(ok for ok, _ in verdicts), failed=sum(not ok for ok, _ in verdicts),
-                unscored=sum(o[0] is None for o in outcomes), threshold=threshold,
+                unscored=sum(o[0] is None for o in outcomes), threshold=threshold, tokens=spent.get(check.name, 0),
             )
         )  # fmt: skip
     scored = records.with_columns(
@@ -188,6 +209,22 @@ def _score(
         return [(1.0 if ok else 0.0, ok, why) for ok, why in results]
     assert isinstance(check, PythonCheck)
     return run_python_check([parsed[i] for i in todo], check, base_dir)
+
+
+def solve_rate_key(check_name: str) -> str:
+    """The score cache's key for a math_answer check's solve rates (cached beside its agreement scores)."""
+    return f"{check_name}{SOLVE_RATE_COLUMN}"
+
+
+def _solve(
+    check: MathAnswerCheck, records: pl.DataFrame, parsed: list[dict[str, Any]] | None, todo: list[int],
+    engine: Engine | None,
+) -> tuple[list[Outcome], list[float | None], int]:  # fmt: skip
+    if engine is None:
+        raise ValueError(f"quality check '{check.name}' (math_answer) needs the build's engine")
+    assert parsed is not None
+    ids = records["record_id"].cast(pl.String).to_list()
+    return math_outcomes([parsed[i] for i in todo], [ids[i] for i in todo], check, engine)
 
 
 def fluency_outcomes(texts: list[Any], engine: Engine, *, field: str = "text") -> list[Outcome]:
@@ -280,7 +317,7 @@ def _parse(raw: str | None) -> dict[str, Any]:
 def quality_checks_frame(counts: tuple[CheckCounts, ...]) -> pl.DataFrame:
     """One row per check (CheckCounts' fields), for the run folder (quality_checks.parquet)."""
     schema = {"name": pl.String, "kind": pl.String, "gate": pl.Boolean, "checked": pl.Int64, "passed": pl.Int64,
-              "failed": pl.Int64, "unscored": pl.Int64, "threshold": pl.Float64}  # fmt: skip
+              "failed": pl.Int64, "unscored": pl.Int64, "threshold": pl.Float64, "tokens": pl.Int64}  # fmt: skip
     return pl.DataFrame([asdict(c) for c in counts], schema=schema)
 
 
