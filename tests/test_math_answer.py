@@ -81,7 +81,7 @@ def test_math_answer_settings_are_refused_naming_the_field(spec_dir):
 
 
 @pytest.mark.slow
-def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thread):
+def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thread, tmp_path):
     from polyculture.engines.factory import create_engine
     from polyculture.spec import ModelSpec
 
@@ -111,3 +111,16 @@ def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thre
     again = quality(frame, np.zeros((4, 2), dtype=np.float32), [check], engine=None,
                     known=cache_from_frame(cache_frame(known)))  # fmt: skip
     assert again.records.equals(result.records) and again.counts[0].tokens == 0
+
+    # the report's Math section over this pass: verified counts, the answers of the final records, the plot
+    from conftest import small_spec_dict
+
+    from polyculture.report.math import math_figures
+    from polyculture.spec import BuildSpec
+
+    spec = BuildSpec.model_validate(small_spec_dict(quality=[check.model_dump(mode="json")]))
+    math = math_figures(spec, result, frame, result.records, tmp_path / "plots")
+    assert math is not None and (math.checked, math.verified) == (4, result.records.height)
+    assert math.by_cell["(no cell)"].passed == math.verified and math.final_answers == result.records.height
+    assert sum(a.records for a in math.top_answers) == math.final_answers
+    assert math.solve_rate_histogram is None or (tmp_path / math.solve_rate_histogram).is_file()

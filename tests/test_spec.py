@@ -317,3 +317,9 @@ def test_fluency_needs_an_engine_that_scores_and_no_quality_keeps_the_fingerprin
     assert plain.fingerprint() == parse_spec(small_spec_dict(quality=[]), spec_dir).fingerprint()
     with_check = parse_spec(small_spec_dict(quality=[{"name": "f", "kind": "fluency", "quantile": 0.2}]), spec_dir)
     assert with_check.fingerprint() != plain.fingerprint()
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_check(path):
+    spec = load_spec(path)
+    assert spec.name and spec.target_size > 0

@@ -39,6 +39,7 @@ def render_html(report: Report, out_dir: Path) -> str:
         diversity_rows=_diversity_rows(stages),
         attribute_images={name: _data_uri(out_dir, path) for name, path in report.plots.items()},
         quality_images={c.name: _data_uri(out_dir, c.histogram) for c in checks},
+        math_image=_data_uri(out_dir, report.math.solve_rate_histogram) if report.math else None,
         figures={
             "similarity": _data_uri(out_dir, report.figures.similarity),
             "embedding_map": _data_uri(out_dir, report.figures.embedding_map),

@@ -420,6 +420,35 @@ class Quality(Model):
         return sorted({cell for check in self.checks for cell in check.by_cell})
 
 
+# ---- math (a math_answer quality check) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnswerCount(Model):
+    answer: str
+    records: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Math(Model):
+    """What the math_answer check found: problems verified (overall and per cell: topic x difficulty when those are
+    the attributes), agreement and solve rates of the checked problems, and the final answers' spread (a set whose
+    answers are mostly 0, 1 or 2 is collapsed too)."""
+
+    check: str
+    checked: int
+    verified: int
+    verified_rate: float | None
+    by_cell: dict[str, CellQuality]
+    mean_agreement: float | None
+    mean_solve_rate: float | None
+    solve_rate_histogram: str | None  # plot path, relative to the report's folder
+    final_answers: int
+    distinct_answers: int
+    small_answer_share: float | None  # share of final answers equal to 0, 1 or 2
+    top_answers: tuple[AnswerCount, ...]
+
+
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 
@@ -493,6 +522,7 @@ class Report(Model):
     plots: dict[str, str]  # attribute name -> its bar chart
     figures: Figures
     contamination: Contamination | None = field(default=None, metadata=OMIT_NONE)  # None: decontaminate is off
+    math: Math | None = field(default=None, metadata=OMIT_NONE)  # None: no math_answer check
 
     def funnel(self) -> dict[str, int]:
         """The counts of records after each stage, without the side counts."""

@@ -26,6 +26,7 @@ from polyculture.report.diversity import Frames, stage_figures
 from polyculture.report.embedding_map import embedding_map
 from polyculture.report.html import render_html
 from polyculture.report.markdown import render_markdown
+from polyculture.report.math import math_figures
 from polyculture.report.model import (
     STAGES,
     BenchmarkContamination,
@@ -119,11 +120,12 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         similarity=plot_similarity(nearest, plots_dir, threshold=spec.dedup.threshold),
         embedding_map=embedding_map(spec, frames, reference, reference_embeddings, plots_dir),
     )
-    quality = None
+    quality = math = None
     if spec.quality:
         if inputs.quality is None:
             raise ValueError("ReportInputs.quality: the spec has quality checks but the report was given no scores")
         quality = quality_figures(spec, inputs.quality, frames, diversity, plots_dir)
+        math = math_figures(spec, inputs.quality, frames["before"][0], final, plots_dir)
     before, after = diversity.before, diversity.after
     report = Report(
         dataset=spec.name,
@@ -166,6 +168,7 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         plots=plots,
         figures=figures,
         contamination=_contamination(spec, inputs, rejects),
+        math=math,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,7 @@ class QualityResult:
     rejects: pl.DataFrame
     scores: pl.DataFrame
     counts: tuple[CheckCounts, ...]
+    solve_rates: dict[str, float | None] = field(default_factory=dict)  # a math_answer check's, by record id
 
 
 def quality(
@@ -124,6 +125,7 @@ def quality(
     score_rows: list[dict[str, Any]] = []
     counts = []
     spent: dict[str, int] = {}
+    solve_rates: dict[str, float | None] = {}
     for check in checks:
         todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
         if todo:
@@ -144,6 +146,7 @@ def quality(
         columns[check.score_column] = [score for score, _, _ in outcomes]
         if isinstance(check, MathAnswerCheck):
             columns[SOLVE_RATE_COLUMN] = [known.get((solve_rate_key(check.name), rid), (None,))[0] for rid in record_ids]
+            solve_rates = dict(zip(record_ids, columns[SOLVE_RATE_COLUMN], strict=True))
         for i, (ok, why) in enumerate(verdicts):
             score = outcomes[i][0]
             note = why if not ok else outcomes[i][2]  # a pass keeps what the check said (a judge's reason)
@@ -175,6 +178,7 @@ def quality(
         rejects=rejects_frame(rejects),
         scores=pl.DataFrame(score_rows, schema=SCORES_SCHEMA),
         counts=tuple(counts),
+        solve_rates=solve_rates,
     )
 
 
