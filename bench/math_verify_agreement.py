@@ -23,7 +23,7 @@ Each pair is compared three ways, and a fourth that splits math-verify's misses 
   is math-verify's comparison (tolerances, leniencies) or its extraction; where both are wrong, the parser.
 Errors (an exception, or over 10 s by our own SIGALRM for the two sympy methods) are counted per pair as "error".
 
-    PYTHONPATH=src .venv/bin/python bench/math_verify_agreement.py         # --json for the figures; ~15 s on 1 core
+    PYTHONPATH=src .venv/bin/python bench/math_verify_agreement.py         # --json for the figures; ~25 s on 1 core
 """
 
 from __future__ import annotations
