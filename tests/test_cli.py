@@ -32,7 +32,7 @@ def test_check_prints_the_plan_as_json():
     out = _run("check", str(PROJECT / "configs" / "biographies.yaml"), "--json")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["cells"] == 48 and sum(cell["quota"] for cell in summary["plan"]) == summary["target_size"] == 240
+    assert summary["cells"] == 48 and sum(cell["quota"] for cell in summary["plan"]) == summary["target_size"] == 120
 
 
 def test_bad_spec_refused_naming_the_field(spec_dir):
