@@ -7,7 +7,7 @@ Fixture: `--records` distinct first sentences of stdlib docstrings (plain Englis
 many corrupted versions, a third of each kind: `shuffled` (the sentence's characters shuffled), `token_soup` (random
 pieces of the model's own vocabulary, about as many tokens as the sentence) and `json` (a JSON fragment built from the
 sentence's words, cut at a random point). Prints the AUC of the fluency score (prose above corrupted), overall and per
-kind, the best single threshold, the judge's AUC on a seeded subset (`--judge-records` of each class), and the cost of
+kind, the best single threshold, the prose check's AUC (its share of rules passed) and pass rates, the judge's AUC on a seeded subset (`--judge-records` of each class), and the cost of
 each check kind (fluency, judge, expression, python) in seconds and engine tokens per 1,000 records, with the load
 average: machines are shared, so quote ratios from one run.
 """
@@ -143,8 +143,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from polyculture.engines.factory import create_engine
-    from polyculture.spec import ExpressionCheck, JudgeCheck, ModelSpec, PythonCheck
+    from polyculture.spec import ExpressionCheck, JudgeCheck, ModelSpec, ProseCheck, PythonCheck
     from polyculture.stages.quality import fluency_scores, quality
+    from polyculture.stages.quality_prose import prose_outcome
 
     rng = random.Random(args.seed)
     prose = prose_sentences(args.records, args.seed)
@@ -173,6 +174,18 @@ def main() -> None:
         "load_seconds": round(load_seconds, 1),
     }  # fmt: skip
     cost = {"fluency": {"seconds_per_1000": round(1000 * fluency_seconds / len(scores), 1), "generated_tokens": 0}}
+    check = ProseCheck(name="prose", kind="prose")
+    started = time.perf_counter()
+    prose_good = [prose_outcome(t, check, field="text") for t in prose]
+    prose_bad = [prose_outcome(t, check, field="text") for t in corrupted]
+    cost["prose"] = {"seconds_per_1000": round(1000 * (time.perf_counter() - started) / len(scores), 2), "generated_tokens": 0}
+    good_p, bad_p = [o[0] or 0.0 for o in prose_good], [o[0] or 0.0 for o in prose_bad]
+    result["prose_check"] = {
+        "auc": round(auc(good_p, bad_p), 4),
+        "auc_by_kind": {k: round(auc(good_p, [b for b, kk in zip(bad_p, kinds, strict=True) if kk == k]), 4) for k in KINDS},
+        "pass_rate_prose": round(sum(bool(o[1]) for o in prose_good) / len(prose), 3),
+        "pass_rate_corrupted": round(sum(bool(o[1]) for o in prose_bad) / len(corrupted), 3),
+    }  # fmt: skip
 
     if args.judge_records:
         n = min(args.judge_records, len(prose))
