@@ -141,3 +141,15 @@ def test_usage_counts_workers_and_engine_loads():
     empty = build_usage([], pool.completions.clear(), pl.DataFrame(schema=SHARD_RUNS_SCHEMA), 0.0)
     assert empty["workers"] == 0 and empty["generated_tokens_per_second"] == 0.0
 
+
+
+def test_short_records_count_marginal_shortfalls_too():
+    pool = _pool()
+    assert pool.short_records == 3  # joint cells: their deficits
+    marginals = pl.DataFrame({"attribute": ["topic", "topic", "level"], "value": ["a", "b", "x"],
+                              "deficit": [4, 5, 2]})  # fmt: skip
+    cells = pl.DataFrame({"cell_key": ["a", "b"], "deficit": [0, 0], "available": [1, 1]})
+    balanced = RebalanceResult(kept=pool.balanced.kept, kept_embeddings=pool.balanced.kept_embeddings,
+                               rejects=pool.balanced.rejects, cells=cells, marginals=marginals)  # fmt: skip
+    marginal_pool = Pool(pool.completions, pool.validated, pool.embeddings, pool.deduped, pool.extracted, balanced)
+    assert marginal_pool.short_records == 9  # marginal targets: cells carry no deficit; topic is 9 short

@@ -124,3 +124,12 @@ def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thre
     assert math.by_cell["(no cell)"].passed == math.verified and math.final_answers == result.records.height
     assert sum(a.records for a in math.top_answers) == math.final_answers
     assert math.solve_rate_histogram is None or (tmp_path / math.solve_rate_histogram).is_file()
+
+
+def test_repeating_decimals_written_with_overline_are_never_trusted():
+    # math-verify 0.9.0 drops \overline: verify("1", "1.\overline{72}") is True (bench/math_verify_agreement.py)
+    assert _same("$1$", "$1.\\overline{72}$")
+    score, found = _compare("1", ["so it is $1.\\overline{72}$"] * 3)
+    assert score == 0.0 and found["problem"].startswith("no solution gave an answer that parses")
+    score, found = _compare("1.\\overline{3}", ["\\boxed{1}"] * 3)
+    assert score == 0.0 and "uses \\overline" in found["problem"]

@@ -31,6 +31,7 @@ Outcome = tuple[float | None, bool | None, str | None]
 SOLVE_CHUNK = 16  # problems per engine call (x solves sequences)
 COMPARE_FUNCTION = "polyculture.stages.quality_math:compare_answers"
 _BOLD = re.compile(r"\*\*(.+?)\*\*")  # Markdown bold around an answer parses as a product with a dangling operator
+_OVERLINE = "\\overline"  # a repeating decimal: math-verify 0.9.0 drops the bar, so 1.\overline{72} equals 1
 
 
 def math_outcomes(
@@ -110,6 +111,8 @@ def compare_answers(record: dict[str, Any]) -> tuple[float, str]:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": the pool's timer is the limit
 
     def parsed(text: str) -> list[Any]:
+        if _OVERLINE in text:  # math-verify 0.9.0 drops \overline: 1.\overline{72} would equal 1
+            return []
         return parse(_BOLD.sub(r"\1", text), parsing_timeout=None)  # type: ignore[arg-type]
 
     def same(gold: list[Any], target: list[Any]) -> bool:
@@ -124,6 +127,11 @@ def compare_answers(record: dict[str, Any]) -> tuple[float, str]:
         found["problem"] = "the author's answer is empty or not text"
         return 0.0, json.dumps(found)
     gold = parsed(f"${answer.strip().strip('$')}$") or parsed(answer)
+    if _OVERLINE in answer:
+        found["problem"] = (
+            f"the author's answer {answer!r} uses \\overline, which math-verify drops (1.\\overline{{72}} = 1)"
+        )
+        return 0.0, json.dumps(found)
     if not gold:
         found["problem"] = f"the author's answer {answer!r} does not parse as math"
         return 0.0, json.dumps(found)

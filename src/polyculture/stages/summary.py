@@ -39,8 +39,13 @@ class Pool:
 
     @property
     def short_records(self) -> int:
-        cells = self.balanced.cells
-        return int(cells["deficit"].sum()) if cells.height else 0
+        """Records still missing: the cells' deficits, or (marginal targets, where cells may trade and carry no
+        deficit) the marginals' largest one."""
+        cells, marginals = self.balanced.cells, self.balanced.marginals
+        by_cell = int(cells["deficit"].sum()) if cells.height else 0
+        by_marginal = int(marginals.group_by("attribute").agg(pl.col("deficit").sum())["deficit"].max() or 0) if (
+            marginals.height and "attribute" in marginals.columns) else 0  # fmt: skip
+        return max(by_cell, by_marginal)
 
 
 def round_row(round_no: int, cells: pl.DataFrame, new: pl.DataFrame, pool: Pool) -> dict[str, Any]:
