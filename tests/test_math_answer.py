@@ -35,6 +35,18 @@ def test_solutions_are_grouped_by_equivalence_not_by_string():
     assert _compare(12, ["\\boxed{12}"] * 3)[0] == 1.0  # a number as the author's answer is read as text
 
 
+def test_an_authors_answer_with_a_unit_word_is_read_as_its_number():
+    """In $...$ LaTeX reads "12 dollars" as 12*a*do*l*l*r*s (never equal to a solution's 12); the check compares the
+    number. An expression or a two-part answer is not cut."""
+    assert _compare("12 dollars", ["So he pays 12 dollars."] * 3)[1]["author_is_majority"]
+    assert _compare("12 cm^2", ["The area is \\boxed{12}"] * 3)[1]["solve_rate"] == 1.0
+    assert _compare("1,000 people", ["\\boxed{1000}"] * 3)[1]["author_is_majority"]
+    assert not _compare("13 dollars", ["So he pays 12 dollars."] * 3)[1]["author_is_majority"]
+    assert _compare("2x+1", ["\\boxed{1+2x}"] * 3)[1]["author_is_majority"]
+    assert not _compare("2x+1", ["\\boxed{2}"] * 3)[1]["author_is_majority"]
+    assert not _compare("10 and 12", ["\\boxed{10}"] * 3)[1]["author_is_majority"]
+
+
 def test_math_answer_settings_are_refused_naming_the_field(spec_dir):
     from conftest import small_spec_dict
     from test_spec import _refused

@@ -13,6 +13,8 @@ Two steps, each testable alone:
   run in spawned worker processes (stages.quality_python's pool: a hung parse or comparison costs that record, never
   the build), with math-verify's timeouts off and the pool's per-record timer on.
 Markdown bold around an answer (`**73**`) is unwrapped before parsing; a Python power (`2**3 + 2**2`) is left alone.
+The author's answer is read as LaTeX (in $...$: an equation stays an equation); a number followed by a unit word
+("12 dollars") is read as the number.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ COMPARE_FUNCTION = "polyculture.stages.quality_math:compare_answers"
 # either edge. `**73**` and `**x = 3**` are bold; `2**3 + 2**2` (a power, which a looser pattern read as `23 + 22`) and
 # `2 ** 3 ** 2` are not.
 _BOLD = re.compile(r"(?<![\w)\]}])\*\*(?=[^\s*])([^*\n]*?[^\s*])\*\*(?![\w(\[{])")
+# An author's answer that is a number and a unit word ("12 dollars", "12 cm^2", "1,000 people"): in $...$ LaTeX reads
+# the word as a product of symbols (12*a*do*l*l*r*s), never equal to a solution's 12; the number alone is compared.
+_NUMBER_AND_UNIT = re.compile(r"^\$?(-?\d[\d,]*(?:\.\d+)?)\s+(?!(?:and|or)\b)[A-Za-z]{2,}[A-Za-z\s/^\d.]*$")
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,9 @@ def compare_answers(record: dict[str, Any]) -> tuple[float, str]:
     if not isinstance(answer, str) or not answer.strip():
         found["problem"] = "the author's answer is empty or not text"
         return 0.0, json.dumps(found)
-    gold = parsed(f"${answer.strip().strip('$')}$") or parsed(answer)
+    unit = _NUMBER_AND_UNIT.match(answer.strip())
+    bare = unit.group(1) if unit else answer.strip().strip("$")
+    gold = parsed(f"${bare}$") or parsed(answer)
     if not gold:
         found["problem"] = f"the author's answer {answer!r} does not parse as math"
         return 0.0, json.dumps(found)
