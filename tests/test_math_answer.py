@@ -1,6 +1,7 @@
-"""math_answer checks: math-verify's behaviour that the check relies on (pinned on the installed 0.9.0), the
-comparison of an author's answer with its solutions (grouped by equivalence, majority, solve rate), refusals naming
-the field, and the check on the real embedded model."""
+"""math_answer checks: the comparison of an author's answer with its solutions (grouped by equivalence, majority,
+solve rate) in worker processes where a hung comparison costs one record, the `_solve_rate` column carried to the
+published rows, refusals naming the field, and the check on the real embedded model. math-verify's own behaviour is
+pinned in test_math_verify.py."""
 
 from __future__ import annotations
 
@@ -13,33 +14,6 @@ from test_quality import records_of
 from polyculture.spec import MathAnswerCheck
 from polyculture.stages.quality import cache_frame, cache_from_frame, quality
 from polyculture.stages.quality_math import compare_answers
-
-
-def _same(gold: str, target: str) -> bool:
-    from math_verify import parse, verify
-
-    return bool(verify(parse(gold, parsing_timeout=None), parse(target, parsing_timeout=None), timeout_seconds=None))
-
-
-@pytest.mark.parametrize(
-    ("gold", "target", "equal"),
-    [
-        ("$\\frac{1}{2}$", "The answer is \\boxed{0.5}.", True),  # fraction vs decimal
-        ("$1/2$", "so we get \\boxed{\\frac{1}{2}}", True),
-        ("$2\\sqrt{2}$", "\\boxed{\\sqrt{8}}", True),  # radicals
-        ("$\\frac{\\sqrt{2}}{2}$", "\\boxed{\\frac{1}{\\sqrt{2}}}", True),
-        ("$(1, 2]$", "\\boxed{(1,2]}", True),  # intervals
-        ("$(1, 2]$", "\\boxed{[1,2]}", False),
-        ("$\\{1, 2\\}$", "\\boxed{\\{2, 1\\}}", True),  # sets, in any order
-        ("$\\{1, 2\\}$", "\\boxed{\\{1, 2, 3\\}}", False),
-        ("$42$", "First 40, then \\boxed{41}. Finally \\boxed{42}", True),  # the last boxed answer counts
-        ("$3$", "\\boxed{0.333}", False),
-        ("$\\pm 2021$", "\\boxed{2021}", False),  # a false positive reported upstream; 0.9.0 keeps them apart
-        ("$73$", "The answer is **73**", True),  # Markdown bold still reads as 73
-    ],
-)
-def test_math_verify_behaviour_the_check_relies_on(gold, target, equal):
-    assert _same(gold, target) is equal
 
 
 def _compare(answer, solutions):
@@ -61,6 +35,18 @@ def test_solutions_are_grouped_by_equivalence_not_by_string():
     assert _compare(12, ["\\boxed{12}"] * 3)[0] == 1.0  # a number as the author's answer is read as text
 
 
+def test_an_authors_answer_with_a_unit_word_is_read_as_its_number():
+    """In $...$ LaTeX reads "12 dollars" as 12*a*do*l*l*r*s (never equal to a solution's 12); the check compares the
+    number. An expression or a two-part answer is not cut."""
+    assert _compare("12 dollars", ["So he pays 12 dollars."] * 3)[1]["author_is_majority"]
+    assert _compare("12 cm^2", ["The area is \\boxed{12}"] * 3)[1]["solve_rate"] == 1.0
+    assert _compare("1,000 people", ["\\boxed{1000}"] * 3)[1]["author_is_majority"]
+    assert not _compare("13 dollars", ["So he pays 12 dollars."] * 3)[1]["author_is_majority"]
+    assert _compare("2x+1", ["\\boxed{1+2x}"] * 3)[1]["author_is_majority"]
+    assert not _compare("2x+1", ["\\boxed{2}"] * 3)[1]["author_is_majority"]
+    assert not _compare("10 and 12", ["\\boxed{10}"] * 3)[1]["author_is_majority"]
+
+
 def test_math_answer_settings_are_refused_naming_the_field(spec_dir):
     from conftest import small_spec_dict
     from test_spec import _refused
@@ -78,33 +64,173 @@ def test_math_answer_settings_are_refused_naming_the_field(spec_dir):
         assert expected.replace("Value error, ", "") in _refused(spec_dir, small_spec_dict(quality=[check | change]))
     two = [check, check | {"name": "again"}]
     assert "one math_answer check at most" in _refused(spec_dir, small_spec_dict(quality=two))
+    # the score cache keeps the solve rates under "<name>_solve_rate": no other check may be called that
+    fluent = {"name": "verified_solve_rate", "kind": "fluency", "quantile": 0.2}
+    assert "check names ['verified_solve_rate'] are taken by the math_answer check's solve rates" in _refused(
+        spec_dir, small_spec_dict(quality=[check, fluent])
+    )
+    # `_solve_rate` is published beside the score: a record field of that name is refused
+    schema = json.loads((spec_dir / "record.schema.json").read_text())
+    schema["properties"]["_solve_rate"] = {"type": "number"}
+    (spec_dir / "rated.schema.json").write_text(json.dumps(schema))
+    shadow = small_spec_dict(record={"schema": "rated.schema.json"}, quality=[check])
+    assert "quality.0.kind: a math_answer check publishes the column '_solve_rate', which is also a record field" in (
+        _refused(spec_dir, shadow)
+    )
+
+
+def test_polyculture_check_refuses_a_bad_math_answer_section_with_exit_2(spec_dir):
+    import yaml
+    from conftest import small_spec_dict
+    from test_cli import _run
+
+    path = spec_dir / "math.yaml"
+    check = {"name": "verified", "kind": "math_answer", "problem_field": "bio", "answer_field": "name", "solves": 2}
+    path.write_text(yaml.safe_dump(small_spec_dict(quality=[check])))
+    out = _run("check", str(path))
+    assert out.returncode == 2 and "quality.0.solves" in out.stderr and "Traceback" not in out.stderr
+
+
+def _math_check(**settings) -> MathAnswerCheck:
+    return MathAnswerCheck.model_validate({"name": "verified", "kind": "math_answer", **settings})
+
+
+def test_verdicts_say_why_a_problem_fails():
+    """compare_solutions on written solutions (no model): each failing record's note names the reason."""
+    from polyculture.stages.quality_math import compare_solutions
+
+    answers = ["5", "17", "5", "banana?", "", "6"]
+    solutions = [
+        ["2 + 3 = 5", "\\boxed{5}", "The answer is 5.", "\\boxed{6}"],  # 3/4 agree with the author
+        ["2 + 3 = 5", "\\boxed{5}", "so **5**", "\\boxed{17}"],  # the author is wrong
+        ["\\boxed{5}", "\\boxed{4}", "\\boxed{6}", "\\boxed{7}"],  # no agreement to speak of
+        ["\\boxed{1}"] * 4,
+        ["\\boxed{1}"] * 4,
+        ["I cannot say.", "Hmm.", "no idea", "???"],
+    ]
+    got = compare_solutions(answers, solutions, _math_check(min_agreement=0.5, solve_rate=[0.1, 0.9]))
+    (ok, rate_ok), (wrong, rate_wrong), (weak, _), (banana, _), (empty, _), (silent, _) = got
+    assert ok == (0.75, True, "majority answer '5' (3/4 solutions), solve rate 0.75") and rate_ok == 0.75
+    assert wrong[:2] == (0.75, False) and rate_wrong == 0.25
+    assert wrong[2] == "the author's answer '17' is not the majority answer '5' (3/4 solutions), solve rate 0.25"
+    assert weak[:2] == (0.25, False) and weak[2].startswith("agreement 0.25 < min_agreement 0.5")
+    assert banana[1] is False and "the author's answer 'banana?' is not the majority answer '1'" in banana[2]
+    assert empty[1] is False and empty[2] == "the author's answer is empty or not text"
+    assert silent[:2] == (0.0, False) and silent[2].startswith("no solution gave an answer math-verify reads")
+    trivial = compare_solutions(["5"], [["\\boxed{5}"] * 4], _math_check(solve_rate=[0.1, 0.9]))[0][0]
+    assert trivial == (1.0, False, "solve rate 1.00 outside [0.1, 0.9]: majority answer '5' (4/4 solutions), solve "
+                                   "rate 1.00")  # fmt: skip
+
+
+def test_a_comparison_that_hangs_costs_its_record_only():
+    """A solution answering (10^10)! sends math-verify's comparison into sympy's factorial for minutes (measured on
+    0.9.0; its own timeouts are off). In the check's worker processes it costs that record, failed with the reason,
+    and the records around it are compared as usual."""
+    import time
+
+    from polyculture.stages.quality_math import compare_solutions
+
+    answers = ["5", "5", "7"]
+    solutions = [["\\boxed{5}"] * 3, ["\\boxed{(10^{10})!}", "\\boxed{5}", "\\boxed{5}"], ["\\boxed{7}"] * 3]
+    started = time.monotonic()
+    got = compare_solutions(answers, solutions, _math_check(solves=3, timeout_s=2, workers=2))
+    assert time.monotonic() - started < 60
+    assert [o[:2] for o, _ in got] == [(1.0, True), (None, False), (1.0, True)]
+    assert got[1] == ((None, False, "timed out after 2 s"), None)
+
+
+def test_the_solve_rate_is_a_published_column(tmp_path):
+    """Every column a check adds (`check.columns`) is published after the metadata: the score, then `_solve_rate`."""
+    import polars as pl
+    from conftest import PROJECT
+
+    from polyculture.preflight import load_spec
+    from polyculture.stages.publish import quality_columns, records_table
+
+    spec = load_spec(PROJECT / "configs" / "math_problems.yaml")
+    assert quality_columns(spec) == ["_quality_verified", "_solve_rate"]
+    record = {"topic": "arithmetic", "difficulty": "easy", "problem": "What is 2 + 3 for a student?",
+              "solution": "Add them: 2 + 3 = 5.", "answer": "5"}  # fmt: skip
+    final = pl.DataFrame({
+        "record_id": ["c0-p0-s0-0"], "method": ["vs_standard"], "model": ["m"], "verbalized_probability": [0.5],
+        "record_json": [json.dumps(record)], "_quality_verified": [0.75], "_solve_rate": [0.5],
+    })  # fmt: skip
+    table = records_table(spec, final)
+    assert table.column_names[-2:] == ["_quality_verified", "_solve_rate"]
+    assert table.column("_solve_rate").to_pylist() == [0.5]
+    card = (PROJECT / "src" / "polyculture" / "report" / "templates" / "card.md.j2").read_text()
+    assert "`_solve_rate`" in card
+
+
+class Recording:
+    """The real engine, keeping each generate call's conversations, sampling parameters and completions: the
+    solutions the check saw, so the test can recompute what it stored."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+        self.name, self.model_name = engine.name, engine.model_name
+
+    def generate(self, conversations, params, json_schema=None):
+        done = self.engine.generate(conversations, params, json_schema)
+        self.calls.append((conversations, params, done))
+        return done
+
+    def sequence_logprobs(self, conversation, continuations, *, mean_per_token=False):
+        return self.engine.sequence_logprobs(conversation, continuations, mean_per_token=mean_per_token)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 @pytest.mark.slow
 def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thread, tmp_path):
+    from math_verify import parse, verify
+
     from polyculture.engines.factory import create_engine
     from polyculture.spec import ModelSpec
+    from polyculture.stages.quality_math import solve_conversation, solve_seed, unbold
 
     rows = [
         {"problem": "What is 2 + 3?", "answer": "5"},
-        {"problem": "What is 2 + 3?", "answer": "17"},  # the author is wrong
+        {"problem": "What is 2 + 3?", "answer": "17"},  # the author is blatantly wrong
         {"problem": "What is 10 - 4?", "answer": "6"},
         {"problem": "", "answer": "1"},
     ]
     frame = records_of(rows)
     check = MathAnswerCheck(name="verified", kind="math_answer", solves=3, max_tokens=96, workers=1)
     known: dict = {}
-    engine = create_engine(ModelSpec(engine="transformers"), seed=0)
+    engine = Recording(create_engine(ModelSpec(engine="transformers"), seed=0))
     try:
         result = quality(frame, np.zeros((4, 2), dtype=np.float32), [check], engine=engine, known=known)
     finally:
         engine.close()
+    # one batched call for the three problems, n = solves, a fresh conversation each, seeded from the record ids
+    assert len(engine.calls) == 1
+    conversations, params, done = engine.calls[0]
+    assert conversations == [solve_conversation(r["problem"], check) for r in rows[:3]]
+    assert (params.n, params.temperature, params.max_tokens) == (3, 0.7, 96)
+    assert params.seed == solve_seed("verified", ["c0-0", "c1-0", "c2-0"])
+    solutions = [[c.text for c in samples] for samples in done]
+    for i, texts in enumerate(solutions):
+        print(f"c{i}-0 ({rows[i]['answer']}):", [t[-80:] for t in texts])
     print(result.scores.to_dicts())
+    assert result.counts[0].tokens == sum(sum(c.completion_tokens for c in s) + s[0].prompt_tokens for s in done)
+    assert result.counts[0].seconds > 0 and result.counts[0].checked == 4
+
+    # the stored agreement and solve rate are what the solutions say: recomputed here from the recorded solutions
+    scores = {r["record_id"]: r for r in result.scores.iter_rows(named=True)}
+    for i, texts in enumerate(solutions):
+        rid = f"c{i}-0"
+        agreement, note = compare_answers({"answer": rows[i]["answer"], "solutions": texts, "solves": 3})
+        assert scores[rid]["score"] == agreement and result.solve_rates[rid] == json.loads(note)["solve_rate"]
+        gold = parse(f"${rows[i]['answer']}$", parsing_timeout=None)
+        matching = sum(bool(verify(gold, parse(unbold(t), parsing_timeout=None), timeout_seconds=None)) for t in texts)
+        assert result.solve_rates[rid] == matching / 3
+    # 2 + 3 = 17 fails, and its note says what the majority answered instead
     details = dict(zip(result.rejects["record_id"], result.rejects["detail"], strict=True))
-    assert "c1-0" in details and details["c3-0"] == "verified: problem is empty or not text (no score)"
-    assert "the author's answer '17' is not the majority answer" in details["c1-0"] or "agreement" in details["c1-0"] \
-        or "no solution gave an answer" in details["c1-0"]  # fmt: skip
-    assert result.counts[0].tokens > 0 and result.counts[0].checked == 4
+    assert details["c1-0"].startswith("verified: the author's answer '17' is not the majority answer '5' ("), details
+    assert result.solve_rates["c1-0"] == 0.0
+    assert details["c3-0"] == "verified: problem is empty or not text (no score)" and result.solve_rates["c3-0"] is None
     for row in result.records.iter_rows(named=True):  # what passed: the author's answer is the majority's
         assert row["_quality_verified"] >= 0.5 and row["_solve_rate"] >= row["_quality_verified"] - 1e-9
     # the solve rates live in the score cache too: scored again from the cache (no engine), the same columns
@@ -128,7 +254,10 @@ def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thre
 
 def test_repeating_decimals_written_with_overline_are_never_trusted():
     # math-verify 0.9.0 drops \overline: verify("1", "1.\overline{72}") is True (bench/math_verify_agreement.py)
-    assert _same("$1$", "$1.\\overline{72}$")
+    from math_verify import parse, verify
+
+    assert verify(parse("$1$", parsing_timeout=None), parse("$1.\\overline{72}$", parsing_timeout=None),
+                  timeout_seconds=None)  # fmt: skip
     score, found = _compare("1", ["so it is $1.\\overline{72}$"] * 3)
     assert score == 0.0 and found["problem"].startswith("no solution gave an answer that parses")
     score, found = _compare("1.\\overline{3}", ["\\boxed{1}"] * 3)

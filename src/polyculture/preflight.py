@@ -107,7 +107,7 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
 
 
 def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_dir: Path) -> list[Problem]:
-    """Each quality check's fields must be in the record schema, its score column must not shadow a record field, a
+    """Each quality check's fields must be in the record schema, its columns must not shadow a record field, a
     judge's rubric must name record fields only and its own model (when set) must load here, and a python check's
     function must import (its module beside the spec or on the path)."""
     props = schema.get("properties", {})
@@ -117,6 +117,12 @@ def quality_problems(checks: list[QualityCheck], schema: dict[str, Any], base_di
             problems.append(
                 (("quality", i, "name"), f"the score column '{check.score_column}' is also a record field")
             )
+        for column in check.extra_columns:
+            if column in props:
+                problems.append(
+                    (("quality", i, "kind"), f"a {check.kind} check publishes the column '{column}', which is also "
+                                             "a record field")
+                )  # fmt: skip
         fields = {"field": check.field} if isinstance(check, FluencyCheck | ProseCheck) else {}
         if isinstance(check, ExpressionCheck):
             fields = {"expression_field": check.expression_field, "value_field": check.value_field}

@@ -41,6 +41,16 @@ class _Check(_Strict):
     def score_column(self) -> str:
         return f"{SCORE_PREFIX}{self.name}"
 
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        """Columns the check publishes besides its score (math_answer: `_solve_rate`); floats, null where unscored."""
+        return ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the check adds to the records and the published dataset: its score, then its extras."""
+        return (self.score_column, *self.extra_columns)
+
 
 class FluencyCheck(_Check):
     """Mean per-token log-probability of a text field under the build's own model (a gibberish filter)."""
@@ -168,6 +178,10 @@ class MathAnswerCheck(_Check):
     timeout_s: float = Field(default=10.0, gt=0, le=600, description="Time to parse and compare one problem's answers.")
     workers: int = Field(default=2, ge=1, le=64, description="Worker processes that parse and compare answers.")
 
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        return (SOLVE_RATE_COLUMN,)
+
     @field_validator("solve_template")
     @classmethod
     def _has_problem(cls, template: str) -> str:
@@ -238,4 +252,8 @@ def quality_names_problem(checks: list[QualityCheck]) -> str | None:
         return f"quality: check names must be distinct; repeated: {repeated}"
     if sum(c.kind == "math_answer" for c in checks) > 1:
         return f"quality: one math_answer check at most (its solve rate is the one column {SOLVE_RATE_COLUMN})"
+    # The score cache keeps a math_answer check's solve rates under `<name>_solve_rate`, beside the check names.
+    taken = sorted({f"{c.name}{SOLVE_RATE_COLUMN}" for c in checks if c.kind == "math_answer"} & set(names))
+    if taken:
+        return f"quality: check names {taken} are taken by the math_answer check's solve rates; rename the check"
     return None

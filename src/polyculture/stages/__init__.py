@@ -31,8 +31,11 @@ records (validate)   record_id: str (call_id + "-" + item_index), call_id: str, 
                      from the record, null when absent). Each completion (each turn) is its own answer; the
                      method's selection (all | sample | threshold) runs per answer over its schema-valid records.
 quality columns      after the quality stage (only when spec.quality has checks): `_quality_<name>`: f64|null per
-                     check (its score; null where the record could not be scored) and `_quality`: bool (passed
-                     every check, gated or not); rebalance reads them, publish writes the score columns
+                     check (its score; null where the record could not be scored; a math_answer check's is its
+                     agreement), a check's extra columns (`check.extra_columns`; math_answer: `_solve_rate`: f64|null,
+                     the share of its solutions equal to the author's answer) and `_quality`: bool (passed every
+                     check, gated or not); rebalance reads the scores and `_quality`, publish writes the score and
+                     extra columns (`check.columns`)
 rejects (any stage)  record_id: str|null, call_id: str, stage: str, reason: str, detail: str
                      (validate writes stage "parse" (unparseable, truncated, malformed_item), "schema"
                      (schema_violation) and "select" (not_sampled, below_threshold); decontaminate writes stage

@@ -153,7 +153,7 @@ def _coerce(value: Any, kind: pa.DataType | None, where: str) -> Any:
 
 
 def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
-    """Record fields (schema order, typed from the schema) followed by the metadata columns, then the quality scores."""
+    """Record fields (schema order, typed from the schema) followed by the metadata columns, then the quality columns."""
     records = _records(final)
     fields = _fields(spec, records)
     record_ids = final["record_id"].to_list()
@@ -170,19 +170,21 @@ def records_table(spec: BuildSpec, final: pl.DataFrame) -> pa.Table:
         columns[attr.name] = pa.array(final[attr.name].cast(pl.String).to_list(), type=pa.string())
     for column, (source, kind) in METADATA_COLUMNS.items():
         columns[column] = pa.array(final[source].to_list(), type=kind)
-    # Quality scores last: one float column per check (null where the check could not score the record).
+    # Quality columns last: per check its score, then its extras (math_answer: _solve_rate); floats, null where the
+    # check could not score the record.
     for column in quality_columns(spec):
         if column in columns:
-            raise PublishError(f"the quality score column '{column}' clashes with a record field of that name")
+            raise PublishError(f"the quality column '{column}' clashes with a record field of that name")
         if column not in final.columns:
-            raise PublishError(f"the final records frame lacks the quality score column '{column}'")
+            raise PublishError(f"the final records frame lacks the quality column '{column}'")
         columns[column] = pa.array(final[column].cast(pl.Float64).to_list(), type=pa.float64())
     return pa.table(columns)
 
 
 def quality_columns(spec: BuildSpec) -> list[str]:
-    """The `_quality_<name>` score columns records_table writes after the metadata ones, one per quality check."""
-    return [check.score_column for check in spec.quality]
+    """The columns records_table writes after the metadata ones: per quality check its `_quality_<name>` score, then
+    the columns it adds besides (a math_answer check's `_solve_rate`)."""
+    return [column for check in spec.quality for column in check.columns]
 
 
 def record_fields(spec: BuildSpec, final: pl.DataFrame) -> list[str]:

@@ -42,7 +42,7 @@ from polyculture.spec import (
 )
 from polyculture.stages.quality_expression import check_expression
 from polyculture.stages.quality_judge import judge_outcomes
-from polyculture.stages.quality_math import math_outcomes
+from polyculture.stages.quality_math import Solved, math_outcomes
 from polyculture.stages.quality_prose import prose_outcome
 from polyculture.stages.quality_python import Outcome, run_python_check
 from polyculture.stages.rejects import reject, rejects_frame
@@ -81,7 +81,8 @@ class CheckCounts:
     failed: int
     unscored: int
     threshold: float | None
-    tokens: int = 0  # engine tokens this pass spent scoring (judge, math_answer solutions)
+    tokens: int = 0  # engine tokens this pass spent scoring (math_answer solutions: generated + prompts)
+    seconds: float = 0.0  # engine seconds this pass spent scoring (math_answer solutions)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def quality(
     failures: dict[int, list[str]] = {}
     score_rows: list[dict[str, Any]] = []
     counts = []
-    spent: dict[str, int] = {}
+    spent: dict[str, tuple[int, float]] = {}  # check name -> (tokens, engine seconds) of this pass
     solve_rates: dict[str, float | None] = {}
     for check in checks:
         todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
@@ -133,8 +134,9 @@ def quality(
                 parsed = [_parse(raw) for raw in records["record_json"].to_list()]
             scorer = (judge_engines or {}).get(check.name, engine)
             if isinstance(check, MathAnswerCheck):
-                found, rates, spent[check.name] = _solve(check, records, parsed, todo, scorer)
-                for i, rate in zip(todo, rates, strict=True):
+                solved = _solve(check, records, parsed, todo, scorer)
+                found, spent[check.name] = solved.outcomes, (solved.tokens, solved.seconds)
+                for i, rate in zip(todo, solved.solve_rates, strict=True):
                     known[(solve_rate_key(check.name), record_ids[i])] = (rate, None, None)
             else:
                 found = _score(check, records, parsed, todo, scorer, Path(base_dir))
@@ -160,7 +162,8 @@ def quality(
             CheckCounts(
                 name=check.name, kind=check.kind, gate=check.gate, checked=len(outcomes),
                 passed=sum(ok for ok, _ in verdicts), failed=sum(not ok for ok, _ in verdicts),
-                unscored=sum(o[0] is None for o in outcomes), threshold=threshold, tokens=spent.get(check.name, 0),
+                unscored=sum(o[0] is None for o in outcomes), threshold=threshold,
+                tokens=spent.get(check.name, (0, 0.0))[0], seconds=round(spent.get(check.name, (0, 0.0))[1], 3),
             )
         )  # fmt: skip
     scored = records.with_columns(
@@ -223,7 +226,7 @@ def solve_rate_key(check_name: str) -> str:
 def _solve(
     check: MathAnswerCheck, records: pl.DataFrame, parsed: list[dict[str, Any]] | None, todo: list[int],
     engine: Engine | None,
-) -> tuple[list[Outcome], list[float | None], int]:  # fmt: skip
+) -> Solved:  # fmt: skip
     if engine is None:
         raise ValueError(f"quality check '{check.name}' (math_answer) needs the build's engine")
     assert parsed is not None
@@ -321,7 +324,8 @@ def _parse(raw: str | None) -> dict[str, Any]:
 def quality_checks_frame(counts: tuple[CheckCounts, ...]) -> pl.DataFrame:
     """One row per check (CheckCounts' fields), for the run folder (quality_checks.parquet)."""
     schema = {"name": pl.String, "kind": pl.String, "gate": pl.Boolean, "checked": pl.Int64, "passed": pl.Int64,
-              "failed": pl.Int64, "unscored": pl.Int64, "threshold": pl.Float64, "tokens": pl.Int64}  # fmt: skip
+              "failed": pl.Int64, "unscored": pl.Int64, "threshold": pl.Float64, "tokens": pl.Int64,
+              "seconds": pl.Float64}  # fmt: skip
     return pl.DataFrame([asdict(c) for c in counts], schema=schema)
 
 
