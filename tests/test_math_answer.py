@@ -259,6 +259,6 @@ def test_repeating_decimals_written_with_overline_are_never_trusted():
     assert verify(parse("$1$", parsing_timeout=None), parse("$1.\\overline{72}$", parsing_timeout=None),
                   timeout_seconds=None)  # fmt: skip
     score, found = _compare("1", ["so it is $1.\\overline{72}$"] * 3)
-    assert score == 0.0 and found["problem"].startswith("no solution gave an answer that parses")
+    assert score == 0.0 and found["problem"].startswith("no solution gave an answer math-verify reads")
     score, found = _compare("1.\\overline{3}", ["\\boxed{1}"] * 3)
     assert score == 0.0 and "uses \\overline" in found["problem"]
