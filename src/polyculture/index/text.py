@@ -29,6 +29,11 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
 
 
+def names_seed(*names: str) -> int:
+    """A 32-bit seed from names (a check's, records' ids): the same names always give the same seed."""
+    return int.from_bytes(hashlib.sha256("\0".join(names).encode()).digest()[:4], "big")
+
+
 def clip(text: str | None, limit: int) -> str:
     """At most `limit` characters, with "..." where it was cut."""
     text = text or ""

@@ -10,13 +10,13 @@ verdict fails with that reason and no score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from polyculture.engines.base import SamplingParams
+from polyculture.index.text import names_seed
 from polyculture.spec import JudgeCheck
 
 if TYPE_CHECKING:
@@ -111,5 +111,4 @@ def parse_verdict(text: str, check: JudgeCheck) -> tuple[int, str] | str:
 
 
 def _seed(check_name: str, record_ids: list[str]) -> int:
-    digest = hashlib.sha256("\0".join([check_name, *record_ids]).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+    return names_seed(check_name, *record_ids)

@@ -19,7 +19,6 @@ The author's answer is read as LaTeX (in $...$: an equation stays an equation); 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from polyculture.engines.base import SamplingParams
+from polyculture.index.text import names_seed
 from polyculture.spec import MathAnswerCheck, PythonCheck
 from polyculture.stages.quality_python import run_python_check
 
@@ -213,5 +213,4 @@ def compare_answers(record: dict[str, Any]) -> tuple[float, str]:
 
 def solve_seed(check_name: str, record_ids: list[str]) -> int:
     """The seed of one engine call: the same check and records give the same solutions."""
-    digest = hashlib.sha256("\0".join(["math", check_name, *record_ids]).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+    return names_seed("math", check_name, *record_ids)
