@@ -15,14 +15,14 @@ from pathlib import Path
 
 import polars as pl
 
-from polyculture.report.model import AnswerCount, CellQuality, Math
+from polyculture.report.model import AnswerCount, Math
 from polyculture.report.plots import plot_quality_scores
+from polyculture.report.quality import by_cell, lookups, rate
 from polyculture.spec import BuildSpec, MathAnswerCheck
 from polyculture.stages.quality import QualityResult
 
 TOP_ANSWERS = 10
 SMALL_ANSWERS = {"0", "1", "2", "0.0", "1.0", "2.0"}
-NO_CELL = "(no cell)"
 
 
 def math_figures(
@@ -33,36 +33,24 @@ def math_figures(
     if check is None:
         return None
     rows = result.scores.filter(pl.col("check") == check.name)
-    cells = _cells(validated)
-    tally: dict[str, list[int]] = {}
-    for record_id, passed in zip(rows["record_id"].to_list(), rows["passed"].to_list(), strict=True):
-        counts = tally.setdefault(cells.get(record_id, NO_CELL), [0, 0])
-        counts[0] += 1
-        counts[1] += bool(passed)
+    checked_ids = set(rows["record_id"].to_list())
     agreements = rows["score"].drop_nulls().to_list()
-    rates = [r for rid, r in result.solve_rates.items() if r is not None and rid in set(rows["record_id"].to_list())]
+    rates = [r for rid, r in result.solve_rates.items() if r is not None and rid in checked_ids]
     final_ids = set(final["record_id"].to_list()) if final.height else set()
     final_rates = [r for rid, r in result.solve_rates.items() if r is not None and rid in final_ids]
     answers = _answers(final, check.answer_field)
     counted = Counter(answers)
     verified = int(rows["passed"].sum()) if rows.height else 0
     return Math(
-        check=check.name, checked=rows.height, verified=verified, verified_rate=_rate(verified, rows.height),
-        by_cell={cell: CellQuality(checked=n, passed=k, pass_rate=_rate(k, n)) for cell, (n, k) in sorted(tally.items())},
+        check=check.name, checked=rows.height, verified=verified, verified_rate=rate(verified, rows.height),
+        by_cell=by_cell(rows, lookups(validated)[1]),
         mean_agreement=sum(agreements) / len(agreements) if agreements else None,
         mean_solve_rate=sum(rates) / len(rates) if rates else None,
         solve_rate_histogram=plot_quality_scores("solve_rate", rates, final_rates, None, plots_dir),
         final_answers=len(answers), distinct_answers=len(counted),
-        small_answer_share=_rate(sum(counted[a] for a in SMALL_ANSWERS), len(answers)),
+        small_answer_share=rate(sum(counted[a] for a in SMALL_ANSWERS), len(answers)),
         top_answers=tuple(AnswerCount(answer=a, records=n) for a, n in counted.most_common(TOP_ANSWERS)),
     )  # fmt: skip
-
-
-def _cells(validated: pl.DataFrame) -> dict[str, str]:
-    if not validated.height or "cell_key" not in validated.columns:
-        return {}
-    ids = validated["record_id"].cast(pl.String).to_list()
-    return {i: c or NO_CELL for i, c in zip(ids, validated["cell_key"].to_list(), strict=True)}
 
 
 def _answers(final: pl.DataFrame, field: str) -> list[str]:
@@ -77,7 +65,3 @@ def _answers(final: pl.DataFrame, field: str) -> list[str]:
         if value is not None:
             found.append(str(value).strip())
     return found
-
-
-def _rate(part: int, whole: int) -> float | None:
-    return part / whole if whole else None

@@ -49,7 +49,7 @@ def quality_figures(
     if missing:
         raise ValueError(f"quality scores: missing columns {sorted(missing)} (columns: {scores.columns})")
     validated = frames["before"][0]
-    texts, cells = _lookups(validated)
+    texts, cells = lookups(validated)
     thresholds = {c.name: c.threshold for c in result.counts}
     passing = _passing(scores)
     final = frames["after"][0]
@@ -64,9 +64,9 @@ def quality_figures(
         checks.append(
             QualityCheckFigures(
                 name=check.name, kind=check.kind, gate=check.gate, quantile=quantile, threshold=threshold,
-                checked=checked, scored=scored.height, passed=passed, pass_rate=_rate(passed, checked),
+                checked=checked, scored=scored.height, passed=passed, pass_rate=rate(passed, checked),
                 stages=_by_stage(rows, frames),
-                by_cell=_by_cell(rows, cells),
+                by_cell=by_cell(rows, cells),
                 lowest=_examples(scored.head(EXAMPLES), texts, cells),
                 highest=_examples(scored.reverse().head(EXAMPLES), texts, cells),
                 histogram=plot_quality_scores(
@@ -80,7 +80,7 @@ def quality_figures(
     return Quality(
         checked=checked_ids.len(),
         passed=len(passing),
-        pass_rate=_rate(len(passing), checked_ids.len()),
+        pass_rate=rate(len(passing), checked_ids.len()),
         checks=tuple(checks),
         diversity=_passing_diversity(spec, frames, diversity, passing),
     )
@@ -98,7 +98,7 @@ def _passing(scores: pl.DataFrame) -> set[str]:
     return set(per_record.filter(pl.col("passed"))["record_id"].to_list())
 
 
-def _lookups(validated: pl.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
+def lookups(validated: pl.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
     """Each validated record's text and cell, by record id."""
     if not validated.height:
         return {}, {}
@@ -122,19 +122,19 @@ def _summary(rows: pl.DataFrame) -> ScoreSummary:
     passed = int(rows["passed"].sum()) if rows.height else 0
     scores = rows["score"].drop_nulls()
     return ScoreSummary(
-        checked=rows.height, passed=passed, pass_rate=_rate(passed, rows.height),
+        checked=rows.height, passed=passed, pass_rate=rate(passed, rows.height),
         mean_score=float(scores.mean()) if scores.len() else None,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
-def _by_cell(rows: pl.DataFrame, cells: Mapping[str, str]) -> dict[str, CellQuality]:
+def by_cell(rows: pl.DataFrame, cells: Mapping[str, str]) -> dict[str, CellQuality]:
     tally: dict[str, list[int]] = {}
     for record_id, passed in zip(rows["record_id"].to_list(), rows["passed"].to_list(), strict=True):
         counts = tally.setdefault(cells.get(record_id, NO_CELL), [0, 0])
         counts[0] += 1
         counts[1] += bool(passed)
     return {
-        cell: CellQuality(checked=checked, passed=passed, pass_rate=_rate(passed, checked))
+        cell: CellQuality(checked=checked, passed=passed, pass_rate=rate(passed, checked))
         for cell, (checked, passed) in sorted(tally.items())
     }
 
@@ -163,5 +163,5 @@ def _passing_diversity(spec: BuildSpec, frames: Frames, diversity: Diversity, pa
     return QualityDiversity(before=figures["before"], after_dedup=figures.get("after_dedup"), after=figures["after"])
 
 
-def _rate(part: int, whole: int) -> float | None:
+def rate(part: int, whole: int) -> float | None:
     return part / whole if whole else None

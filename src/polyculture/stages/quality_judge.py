@@ -18,12 +18,11 @@ import jinja2
 from polyculture.engines.base import SamplingParams
 from polyculture.index.text import names_seed
 from polyculture.spec import JudgeCheck
+from polyculture.stages.quality_python import Outcome
 
 if TYPE_CHECKING:
     from polyculture.engines.base import Completion, Conversation, Engine
 
-# (score, verdict, note): verdict None means the score is judged against the check's threshold.
-Outcome = tuple[float | None, bool | None, str | None]
 # Records per engine call: large enough to keep the engine busy, small enough that progress and memory stay bounded.
 JUDGE_CHUNK = 32
 REASON_MAX_CHARS = 300

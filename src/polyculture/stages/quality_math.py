@@ -29,13 +29,11 @@ from typing import TYPE_CHECKING, Any
 from polyculture.engines.base import SamplingParams
 from polyculture.index.text import names_seed
 from polyculture.spec import MathAnswerCheck, PythonCheck
-from polyculture.stages.quality_python import run_python_check
+from polyculture.stages.quality_python import Outcome, run_python_check
 
 if TYPE_CHECKING:
     from polyculture.engines.base import Conversation, Engine
 
-# (score, verdict, note): verdict None means the score is judged against the check's threshold.
-Outcome = tuple[float | None, bool | None, str | None]
 SOLVE_CHUNK = 16  # problems per engine call (x solves sequences)
 COMPARE_FUNCTION = "polyculture.stages.quality_math:compare_answers"
 _OVERLINE = "\\overline"  # a repeating decimal: math-verify 0.9.0 drops the bar, so 1.\overline{72} equals 1

@@ -13,9 +13,8 @@ from typing import Any
 
 from polyculture.metrics.lexical import compression_ratio
 from polyculture.spec import ProseCheck
+from polyculture.stages.quality_python import Outcome
 
-# (score, verdict, note): verdict None means the score is judged against the check's threshold.
-Outcome = tuple[float | None, bool | None, str | None]
 PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~«»“”‘’…—–"
 
 
