@@ -94,7 +94,7 @@ class BuildSpec(_Strict):
             raise ValueError(problem)
         names = [a.name for a in self.attributes]
         builtins = TEMPLATE_BUILTINS | ({EXEMPLARS_VARIABLE} if self.prompt.exemplars else set())
-        undeclared = _template_variables(self.prompt) - {a.name for a in self.attributes} - builtins
+        undeclared = template_variables(self.prompt) - {a.name for a in self.attributes} - builtins
         if undeclared:
             raise ValueError(
                 f"prompt.template: uses undefined variables {sorted(undeclared)}; allowed: attribute names "
@@ -257,7 +257,8 @@ def attribute_names_problem(attributes: list[Attribute]) -> str | None:
     return None
 
 
-def _template_variables(prompt: PromptSpec) -> set[str]:
+def template_variables(prompt: PromptSpec) -> set[str]:
+    """The variables the prompt's templates use that they do not define themselves."""
     env = jinja2.Environment()
     found: set[str] = set()
     for text in (prompt.template, prompt.system):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.meta
 import polars as pl
 
 from polyculture.index.benchmarks import CHAMP, read_champ
@@ -19,7 +18,7 @@ from polyculture.index.sources import SourceError, read_texts
 from polyculture.index.text import names_seed
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
-from polyculture.spec.build import EXEMPLARS_VARIABLE
+from polyculture.spec.build import EXEMPLARS_VARIABLE, template_variables
 
 # A top-up plan's column: JSON {attribute: value} of the field/extract attributes its prompts steer towards.
 HINTS_COLUMN = "hints"
@@ -42,7 +41,7 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
     system_template = env.from_string(spec.prompt.system) if spec.prompt.system else None
     names = [a.name for a in spec.prompt_attributes]
     pool = exemplar_texts(spec)
-    appended = pool is not None and EXEMPLARS_VARIABLE not in _variables(env, spec)
+    appended = pool is not None and EXEMPLARS_VARIABLE not in template_variables(spec.prompt)
     requests = []
     for cell in cells.iter_rows(named=True):
         values = {name: cell[name] for name in names}
@@ -97,14 +96,6 @@ def exemplar_block(examples: list[str]) -> str:
     """What a template that does not place the examples itself gets appended to its user message."""
     lines = "\n".join(f"Example {i}: {text}" for i, text in enumerate(examples, 1))
     return f"For inspiration only (write something new, not a copy or a rewording):\n{lines}"
-
-
-def _variables(env: jinja2.Environment, spec: BuildSpec) -> set[str]:
-    found: set[str] = set()
-    for text in (spec.prompt.template, spec.prompt.system):
-        if text:
-            found |= jinja2.meta.find_undeclared_variables(env.parse(text))
-    return found
 
 
 def generation_schema(spec: BuildSpec) -> dict[str, Any]:
