@@ -114,6 +114,7 @@ def test_verdicts_say_why_a_problem_fails():
     assert wrong[:2] == (0.75, False) and rate_wrong == 0.25
     assert wrong[2] == "the author's answer '17' is not the majority answer '5' (3/4 solutions), solve rate 0.25"
     assert weak[:2] == (0.25, False) and weak[2].startswith("agreement 0.25 < min_agreement 0.5")
+    assert "no two of the 4 solutions agree (first answer '5')" in weak[2]  # not called a majority
     assert banana[1] is False and "the author's answer 'banana?' is not the majority answer '1'" in banana[2]
     assert empty[1] is False and empty[2] == "the author's answer is empty or not text"
     assert silent[:2] == (0.0, False) and silent[2].startswith("no solution gave an answer math-verify reads")

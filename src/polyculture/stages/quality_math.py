@@ -128,7 +128,12 @@ def compare_solutions(
 
 def _verdict(check: MathAnswerCheck, agreement: float, rate: float, found: dict[str, Any]) -> tuple[bool, str | None]:
     n = check.solves
-    shown = f"majority answer {found['majority']!r} ({round(agreement * n)}/{n} solutions), solve rate {rate:.2f}"
+    agreeing = round(agreement * n)
+    shown = (
+        f"majority answer {found['majority']!r} ({agreeing}/{n} solutions), solve rate {rate:.2f}"
+        if agreeing > 1
+        else f"no two of the {n} solutions agree (first answer {found['majority']!r}), solve rate {rate:.2f}"
+    )
     if found.get("problem"):
         return False, found["problem"]
     if not found["author_is_majority"]:
