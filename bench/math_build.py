@@ -57,7 +57,9 @@ def figures(run_dir: Path) -> dict:
     rates = [float(m.group(1)) if (m := SOLVE_RATE.search(n or "")) else None for n in solved["note"].to_list()]
     verified = int(solved["verdict"].sum())
     generated = int(usage.get("generated_tokens", 0))
-    solve_tokens = int(usage.get("quality_tokens", 0))
+    # runs before usage carried quality_tokens: quality_checks.parquet holds the last pass's cost only
+    last_pass = pl.read_parquet(run_dir / "quality_checks.parquet").filter(pl.col("name") == check)
+    solve_tokens = int(usage.get("quality_tokens", last_pass["tokens"].sum()))
     seconds = float(usage.get("wall_seconds", 0.0))
     return {
         "run_dir": str(run_dir),
@@ -77,7 +79,8 @@ def figures(run_dir: Path) -> dict:
         "verified_by_cell": per_cell.to_dicts(),
         "cost": {
             "generated_tokens": generated, "solve_tokens": solve_tokens,
-            "generation_seconds": usage.get("generation_seconds"), "solve_seconds": usage.get("quality_seconds"),
+            "generation_seconds": usage.get("generation_seconds"), "solve_seconds": usage.get("quality_seconds", round(float(last_pass["seconds"].sum()), 1)),
+            "solve_cost_complete": "quality_tokens" in usage,
             "wall_seconds": seconds,
             "tokens_per_verified": round((generated + solve_tokens) / verified) if verified else None,
             "seconds_per_verified": round(seconds / verified, 1) if verified else None,
@@ -86,7 +89,7 @@ def figures(run_dir: Path) -> dict:
         "mean_agreement": math.get("mean_agreement"),
         "answers": {"final": math.get("final_answers"), "distinct": math.get("distinct_answers"),
                     "share_0_1_2": math.get("small_answer_share"), "top": math.get("top_answers")},  # fmt: skip
-        "stop_reason": (report.get("generation") or {}).get("stop_reason"),
+        "stop_reason": (report.get("rebalance") or {}).get("stop_reason"),
     }
 
 
