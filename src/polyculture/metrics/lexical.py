@@ -7,9 +7,13 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 
 # Word tokens: letters/digits/underscore, keeping inner apostrophes so "don't" stays one token.
 _TOKEN = re.compile(r"\w+(?:['\u2019]\w+)*")
+# The same pattern for polars (Rust regex), whose \w also matches combining marks; Python's \w is letters, numbers
+# and "_" only.
+_TOKEN_POLARS = r"[\p{L}\p{N}_]+(?:['\u2019][\p{L}\p{N}_]+)*"
 
 
 def tokenize(text: str) -> list[str]:
@@ -17,21 +21,36 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
+def distinct_n(texts: Sequence[str | None] | pl.Series, n: int) -> float:
     """Unique n-grams / total n-grams over the whole corpus (n-grams never span two texts).
 
     0.0 when the corpus has no n-gram at all (empty, or every text shorter than n tokens).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    seen: set[tuple[str, ...]] = set()
-    total = 0
-    for text in texts:
-        tokens = tokenize(text or "")
-        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else 0.0
+    return distinct_ns(texts, (n,))[n]
+
+
+def distinct_ns(texts: Sequence[str | None] | pl.Series, ns: Sequence[int]) -> dict[int, float]:
+    """`distinct_n` for each n in `ns`, exact over every text, tokenising once.
+
+    Vectorised with polars so a million texts take seconds: tokens (the same words as `tokenize`) become dense
+    integer ids, an n-gram is the tuple of n consecutive ids within one text, and unique n-grams are counted by
+    polars' `n_unique` over those tuples."""
+    if any(n < 1 for n in ns):
+        raise ValueError(f"n must be >= 1, got {min(ns)}")
+    series = texts if isinstance(texts, pl.Series) else pl.Series("text", list(texts), dtype=pl.String)
+    tokens = series.cast(pl.String).fill_null("").str.to_lowercase().str.extract_all(_TOKEN_POLARS)
+    grams = pl.DataFrame({"token": tokens}).with_row_index("doc").explode("token").drop_nulls("token")
+    ids = grams["token"].cast(pl.Categorical).to_physical()
+    doc = grams["doc"]
+    out: dict[int, float] = {}
+    for n in ns:
+        # Row i starts an n-gram when rows i..i+n-1 belong to the same text.
+        columns = {f"t{k}": ids.shift(-k) for k in range(n)}
+        valid = doc.shift(-(n - 1)) == doc if n > 1 else pl.Series([True] * len(doc))
+        frame = pl.DataFrame(columns).filter(valid.fill_null(False))
+        total = frame.height
+        out[n] = frame.n_unique() / total if total else 0.0
+    return out
 
 
 def compression_ratio(texts: Sequence[str], *, max_texts: int | None = None, seed: int = 0) -> float | None:

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from polyculture.report.attributes import attribute_figures
-from polyculture.report.diversity import Frames, stage_figures
+from polyculture.report.diversity import COMPRESSION_MAX_TEXTS, SEMANTIC_MAX_ROWS, Frames, stage_figures
 from polyculture.report.embedding_map import embedding_map
 from polyculture.report.html import render_html
 from polyculture.report.markdown import render_markdown
@@ -157,7 +157,13 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         ),
         counts={str(k): int(v) for k, v in inputs.counts.items()},
         diversity=diversity,
-        sample=Sample(records=spec.report.sample, map=spec.report.map, seed=spec.seed),
+        sample=Sample(
+            records=spec.report.sample,
+            map=spec.report.map,
+            seed=spec.seed,
+            semantic_rows=SEMANTIC_MAX_ROWS,
+            compression_texts=COMPRESSION_MAX_TEXTS,
+        ),
         attributes=attributes,
         monoculture=mono,
         quality=quality,

@@ -1,0 +1,183 @@
+"""Report at scale: `write_report` on synthetic runs of N records with random unit embeddings (issue 17, figure 4).
+
+Builds a validated frame of N records (random ~30-word texts over a 5,000-word vocabulary, two attributes, call ids
+grouping records by prompt, VS probabilities), a pool of 90% of them and a final set of 80%, each with its rows of
+one random float32 unit-embedding matrix (384-d, like MiniLM), then times `write_report` end to end and each of its
+parts (wrapped in place by name), and prints peak RSS (the process's, including the synthetic data) and the RSS the
+data alone held before the report started.
+
+    PYTHONPATH=src python bench/report_scale.py --n 100000 --n 1000000
+
+One run per size; the machine is shared, so figures move by +-20% between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from polyculture.preflight import parse_spec
+from polyculture.report import diversity, embedding_map, write
+from polyculture.report.write import RecordSet, ReportInputs, write_report
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"job": {"type": "string"}, "mood": {"type": "string"}, "bio": {"type": "string"}},
+    "required": ["job", "bio"],
+}
+JOBS = ["doctor", "teacher", "farmer", "pilot", "chef"]
+MOODS = ["happy", "sad", "calm"]
+# The report's parts, wrapped by name in the module that calls them.
+PARTS = {
+    diversity: ["distinct_n", "distinct_ns", "compression_ratio", "self_bleu", "semantic_diversity", "mean_pairwise_similarity",
+                "vendi_score", "nearest_neighbour_similarity", "_conceptual", "_calibration"],
+    write: ["attribute_figures", "monoculture", "plot_attribute", "plot_similarity", "embedding_map",
+            "render_markdown", "render_html", "reject_groups"],
+    embedding_map: ["project_2d", "plot_embedding_map"],
+}  # fmt: skip
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def synthetic(n: int, dim: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    lengths = rng.integers(20, 40, size=n)
+    words = vocab[rng.zipf(1.3, size=int(lengths.sum())) % len(vocab)]
+    # One space-joined string per record without a Python loop over words.
+    ends = np.cumsum(lengths)
+    texts = [" ".join(words[e - k : e]) for e, k in zip(ends, lengths, strict=True)]
+    prompts = np.arange(n) // 8  # 8 records per prompt, like n=8 sampling
+    frame = pl.DataFrame(
+        {
+            "record_id": [f"r{i}" for i in range(n)],
+            "call_id": [f"c{p % 15}-p{p}-s0" for p in prompts],
+            "cell_id": (prompts % 15).astype(np.int64),
+            "method": ["vs_standard"] * n,
+            "verbalized_probability": rng.random(n),
+            "text": texts,
+            "job": np.array(JOBS)[rng.integers(0, len(JOBS), size=n)],
+            "mood": np.array(MOODS)[rng.integers(0, len(MOODS), size=n)],
+        }
+    )
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return frame, x
+
+
+def wrap_parts(timings: dict[str, float]) -> None:
+    for module, names in PARTS.items():
+        for name in names:
+            original = getattr(module, name, None)
+            if original is None:  # renamed between versions (distinct_n -> distinct_ns)
+                continue
+
+            @functools.wraps(original)
+            def timed(*args, __original=original, __name=name, **kwargs):  # type: ignore[no-untyped-def]
+                started = time.perf_counter()
+                try:
+                    return __original(*args, **kwargs)
+                finally:
+                    timings[__name] += time.perf_counter() - started
+
+            setattr(module, name, timed)
+
+
+def run(n: int, dim: int, folder: Path) -> dict[str, object]:
+    (folder / "person.schema.json").write_text(json.dumps(SCHEMA))
+    spec = parse_spec(
+        {
+            "name": "scale",
+            "description": "Report scale bench.",
+            "prompt": {"template": "Describe a {{ job }}."},
+            "record": {"schema": "person.schema.json", "text_field": "bio"},
+            "method": {"name": "vs_standard", "k": 5},
+            "attributes": [
+                {"name": "job", "values": JOBS},
+                {"name": "mood", "values": MOODS, "source": "field"},
+            ],
+            "target_size": int(n * 0.8),
+            "seed": 7,
+        },
+        base_dir=folder,
+    )
+    started = time.perf_counter()
+    frame, x = synthetic(n, dim, seed=7)
+    rng = np.random.default_rng(1)
+    pool_rows = np.sort(rng.choice(n, size=int(n * 0.9), replace=False))
+    final_rows = np.sort(rng.choice(pool_rows, size=int(n * 0.8), replace=False))
+    pool, final = frame[pool_rows], frame[final_rows]
+    pool_x, final_x = x[pool_rows], x[final_rows]
+    cells = (
+        final.group_by("job").len("kept").with_columns(
+            cell_key="job=" + pl.col("job"), target=pl.col("kept"), available=pl.col("kept"), deficit=pl.lit(0),
+            reason=pl.lit(None, dtype=pl.String))
+    )  # fmt: skip
+    rejects = pl.DataFrame(schema={"record_id": pl.String, "call_id": pl.String, "stage": pl.String,
+                                   "reason": pl.String, "detail": pl.String})  # fmt: skip
+    data_s = time.perf_counter() - started
+    data_rss = current_rss_mib()
+    timings: dict[str, float] = defaultdict(float)
+    wrap_parts(timings)
+    started = time.perf_counter()
+    write_report(
+        spec,
+        ReportInputs(
+            run_id="bench",
+            counts={"valid": n, "after_semantic_dedup": pool.height, "final": final.height, "completions": n // 5},
+            validated=RecordSet(frame, x),
+            pool=RecordSet(pool, pool_x),
+            final=RecordSet(final, final_x),
+            rejects=rejects,
+            cells=cells,
+            usage={},
+        ),
+        folder / "report",
+    )
+    total = time.perf_counter() - started
+    return {
+        "n": n,
+        "data_s": round(data_s, 1),
+        "report_s": round(total, 1),
+        "parts_s": {k: round(v, 2) for k, v in sorted(timings.items(), key=lambda kv: -kv[1])},
+        "rss_before_report_mib": round(data_rss),
+        "peak_rss_mib": round(rss_mib()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, action="append", help="records (repeatable; default 100000)")
+    parser.add_argument("--dim", type=int, default=384)
+    args = parser.parse_args()
+    for n in args.n or [100_000]:
+        # One size per process would give clean peaks; run sizes in separate invocations for that.
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(n, args.dim, Path(tmp))
+        print(json.dumps(result), flush=True)
+        if len(args.n or []) > 1:
+            print("note: peak RSS is the process's so far; run one size per invocation for a clean peak",
+                  file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
