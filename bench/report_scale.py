@@ -1,6 +1,6 @@
 """Report at scale: `write_report` on synthetic runs of N records with random unit embeddings (issue 17, figure 4).
 
-Builds a validated frame of N records (random ~30-word texts over a 5,000-word vocabulary, two attributes, call ids
+Builds a validated frame of N records (random 20-40-word texts over a 20,000-word Zipf vocabulary, two attributes, call ids
 grouping records by prompt, VS probabilities), a pool of 90% of them and a final set of 80%, each with its rows of
 one random float32 unit-embedding matrix (384-d, like MiniLM), then times `write_report` end to end and each of its
 parts (wrapped in place by name), and prints peak RSS (the process's, including the synthetic data) and the RSS the
@@ -35,6 +35,7 @@ SCHEMA = {
     "properties": {"job": {"type": "string"}, "mood": {"type": "string"}, "bio": {"type": "string"}},
     "required": ["job", "bio"],
 }
+VOCABULARY = 20_000
 JOBS = ["doctor", "teacher", "farmer", "pilot", "chef"]
 MOODS = ["happy", "sad", "calm"]
 # The report's parts, wrapped by name in the module that calls them.
@@ -60,9 +61,13 @@ def current_rss_mib() -> float:
 
 def synthetic(n: int, dim: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
-    vocab = np.array([f"w{i}" for i in range(5000)])
+    # English-like words: 20,000 random lower-case words of 2-10 letters drawn with Zipf weights 1/rank^1.07.
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    word_lengths = rng.integers(2, 11, size=VOCABULARY)
+    vocab = np.array(["".join(letters[rng.integers(0, 26, size=k)]) for k in word_lengths])
+    weights = 1.0 / np.arange(1, VOCABULARY + 1) ** 1.07
     lengths = rng.integers(20, 40, size=n)
-    words = vocab[rng.zipf(1.3, size=int(lengths.sum())) % len(vocab)]
+    words = vocab[rng.choice(VOCABULARY, size=int(lengths.sum()), p=weights / weights.sum())]
     # One space-joined string per record without a Python loop over words.
     ends = np.cumsum(lengths)
     texts = [" ".join(words[e - k : e]) for e, k in zip(ends, lengths, strict=True)]

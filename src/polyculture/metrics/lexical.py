@@ -40,16 +40,22 @@ def distinct_ns(texts: Sequence[str | None] | pl.Series, ns: Sequence[int]) -> d
     series = texts if isinstance(texts, pl.Series) else pl.Series("text", list(texts), dtype=pl.String)
     tokens = series.cast(pl.String).fill_null("").str.to_lowercase().str.extract_all(_TOKEN_POLARS)
     grams = pl.DataFrame({"token": tokens}).with_row_index("doc").explode("token").drop_nulls("token")
-    ids = grams["token"].cast(pl.Categorical).to_physical()
+    ids = grams["token"].cast(pl.Categorical).to_physical().cast(pl.UInt64)
     doc = grams["doc"]
     out: dict[int, float] = {}
     for n in ns:
+        if n == 1:
+            out[n] = ids.n_unique() / len(ids) if len(ids) else 0.0
+            continue
         # Row i starts an n-gram when rows i..i+n-1 belong to the same text.
-        columns = {f"t{k}": ids.shift(-k) for k in range(n)}
-        valid = doc.shift(-(n - 1)) == doc if n > 1 else pl.Series([True] * len(doc))
-        frame = pl.DataFrame(columns).filter(valid.fill_null(False))
-        total = frame.height
-        out[n] = frame.n_unique() / total if total else 0.0
+        valid = (doc.shift(-(n - 1)) == doc).fill_null(False)
+        if n == 2:
+            # Two 32-bit token ids packed in one integer: exact, and hashed far faster than a tuple.
+            keys = (ids * (1 << 32) + ids.shift(-1)).filter(valid)
+            out[n] = keys.n_unique() / len(keys) if len(keys) else 0.0
+            continue
+        frame = pl.DataFrame({f"t{k}": ids.shift(-k) for k in range(n)}).filter(valid)
+        out[n] = frame.n_unique() / frame.height if frame.height else 0.0
     return out
 
 
