@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from polyculture.metrics import conceptual
+from polyculture.metrics.attribute import attribute_summary
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.conceptual import conceptual_diversity, individual_key, individual_keys
 from polyculture.metrics.lexical import compression_ratio, distinct_n, distinct_ns, tokenize
@@ -120,3 +121,9 @@ def test_report_states_its_samples(tmp_path: Path) -> None:
     assert f"compression ratio over at most {COMPRESSION_MAX_TEXTS} texts" in markdown
     assert "distinct-n, attribute tables and conceptual internal variability use every record" in markdown
     assert f"compression ratio over at most {COMPRESSION_MAX_TEXTS} texts" in (out_dir / "report.html").read_text()
+
+
+def test_attribute_summary_of_a_polars_column_equals_the_list_one() -> None:
+    values = ["doctor", "teacher", None, "pilot", "doctor", "Doctor", "pilot", "chef", None] * 7
+    target = {"doctor": 2.0, "teacher": 1.0, "chef": 1.0}
+    assert attribute_summary(pl.Series(values, dtype=pl.String), target) == attribute_summary(values, target)
