@@ -59,7 +59,19 @@ def distinct_ns(texts: Sequence[str | None] | pl.Series, ns: Sequence[int]) -> d
     return out
 
 
-def compression_ratio(texts: Sequence[str], *, max_texts: int | None = None, seed: int = 0) -> float | None:
+def sample_texts(texts: Sequence[str | None] | pl.Series, max_texts: int | None, seed: int) -> list[str | None]:
+    """All the texts, or a seeded sample of `max_texts` of them in their order; a polars column is sampled before it
+    becomes Python strings (a million of them would be ~150 MB for a 10k sample)."""
+    n = len(texts)
+    if max_texts is None or n <= max_texts:
+        return texts.to_list() if isinstance(texts, pl.Series) else list(texts)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=max_texts, replace=False))
+    return texts.gather(rows).to_list() if isinstance(texts, pl.Series) else [texts[i] for i in rows]
+
+
+def compression_ratio(
+    texts: Sequence[str | None] | pl.Series, *, max_texts: int | None = None, seed: int = 0
+) -> float | None:
     """Size of the texts joined by single spaces (UTF-8 bytes) / size of the same bytes gzip-compressed (level 9).
 
     The definition of Shaib et al. 2024 ("Standardizing the measurement of text diversity"): a repetitive corpus
@@ -67,10 +79,7 @@ def compression_ratio(texts: Sequence[str], *, max_texts: int | None = None, see
     `max_texts` compresses a seeded sample of that many texts (in their order) instead of all of them.
     None when there is no text at all.
     """
-    texts = list(texts)
-    if max_texts is not None and len(texts) > max_texts:
-        rows = np.sort(np.random.default_rng(seed).choice(len(texts), size=max_texts, replace=False))
-        texts = [texts[i] for i in rows]
+    texts = sample_texts(texts, max_texts, seed)
     joined = " ".join(t or "" for t in texts).encode("utf-8")
     if not joined.strip():
         return None

@@ -47,7 +47,6 @@ def stage_figures(
         raise ValueError(f"the {label} records frame has no 'text' column (columns: {frame.columns})")
     x = embedding_rows(frame, embeddings, label)
     text_column = frame["text"].cast(pl.String).fill_null("") if frame.height else pl.Series("text", [], pl.String)
-    texts = text_column.to_list()
     distinct = distinct_ns(text_column, (1, 2))  # polars over every record: exact, and seconds at a million
     sample, seed = spec.report.sample, spec.seed
     has_rows, semantic_rows = x.shape[0] > 0, SEMANTIC_MAX_ROWS
@@ -56,15 +55,15 @@ def stage_figures(
         rows=frame.height,
         distinct_1=distinct[1],
         distinct_2=distinct[2],
-        compression_ratio=compression_ratio(texts, max_texts=COMPRESSION_MAX_TEXTS, seed=seed),
-        self_bleu=self_bleu(texts, max_texts=sample, seed=seed),
+        compression_ratio=compression_ratio(text_column, max_texts=COMPRESSION_MAX_TEXTS, seed=seed),
+        self_bleu=self_bleu(text_column, max_texts=sample, seed=seed),
         semantic_diversity=semantic_diversity(x, max_rows=semantic_rows, seed=seed) if has_rows else 0.0,
         mean_pairwise_similarity=mean_pairwise_similarity(x, max_rows=semantic_rows, seed=seed) if has_rows else 0.0,
         vendi_score=vendi_score(x, max_rows=sample, seed=seed) if has_rows else None,
         mean_nearest_neighbour_similarity=float(nearest.mean()) if len(nearest) else None,
         near_duplicate_share=float((nearest >= spec.dedup.threshold).mean()) if len(nearest) else None,
         conceptual=_conceptual(frame, x, sample, seed),
-        calibration=_calibration(spec, frame, texts),
+        calibration=_calibration(spec, frame, text_column),
     )
     return figures, nearest
 
@@ -90,14 +89,14 @@ def _conceptual(frame: pl.DataFrame, x: np.ndarray, sample: int, seed: int) -> C
     return Conceptual.from_dict(conceptual_diversity(keys, x, max_rows=sample, seed=seed))
 
 
-def _calibration(spec: BuildSpec, frame: pl.DataFrame, texts: list[str]) -> Calibration | None:
+def _calibration(spec: BuildSpec, frame: pl.DataFrame, texts: pl.Series) -> Calibration | None:
     """Verbalized vs observed shares (VS methods); None for other methods or records without probabilities."""
     if not spec.method.name.startswith("vs_") or not frame.height:
         return None
     if "call_id" not in frame.columns or "verbalized_probability" not in frame.columns:
         return None
     field_attrs = [a for a in spec.field_attributes if a.name in frame.columns]
-    column = frame[field_attrs[0].name].cast(pl.String) if field_attrs else pl.Series(texts, dtype=pl.String)
+    column = frame[field_attrs[0].name].cast(pl.String) if field_attrs else texts
     # Each distinct value is normalised once (a million records hold far fewer distinct answers).
     distinct = column.unique().to_list()
     if field_attrs:
