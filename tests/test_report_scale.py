@@ -60,30 +60,36 @@ def test_individual_keys_vectorised_equal_individual_key() -> None:
     assert individual_keys(pl.Series(ids)).to_list() == [individual_key(i) for i in ids]
 
 
-def _plain_internal(keys: list[str], x: np.ndarray) -> float:
+def _plain_variability(keys: list[str], x: np.ndarray) -> tuple[float, float]:
+    """Internal and population variability from the full pair matrix (the definition)."""
+    unit = prepared_rows(x, len(keys) + 2, 0)
+    sims = unit @ unit.T
+    labels = np.array(keys)
     groups: dict[str, list[int]] = defaultdict(list)
     for row, key in enumerate(keys):
         groups[key].append(row)
-    values = []
+    internal = []
     for rows in groups.values():
         if len(rows) >= 2:
-            unit = prepared_rows(x[rows], len(rows) + 2, 0)
-            sims = unit @ unit.T
-            values.append(1.0 - (sims.sum() - np.trace(sims)) / (len(rows) * (len(rows) - 1)))
-    return float(np.mean(values))
+            block = sims[np.ix_(rows, rows)]
+            internal.append(1.0 - (block.sum() - np.trace(block)) / (len(rows) * (len(rows) - 1)))
+    different = labels[:, None] != labels[None, :]
+    return float(np.mean(internal)), float(1.0 - sims[different].mean())
 
 
-def test_conceptual_internal_variability_is_exact_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conceptual_diversity_is_exact_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
-    # Interleaved (not contiguous) individuals of 1 to 80 records, so chunks split nowhere near group borders.
-    keys = [f"k{int(rng.integers(0, 40)) if rng.random() < 0.9 else 'big'}" for _ in range(1500)]
+    # Interleaved (not contiguous) individuals of 1 to ~150 records, so chunks split nowhere near group borders.
+    keys = [f"k{int(rng.integers(0, 60))}" if rng.random() < 0.9 else "big" for _ in range(1500)]
+    keys[-1] = "alone"
     x = rng.standard_normal((len(keys), 8)).astype(np.float32) + 0.5  # not unit, not centred
     x[3] = 0.0  # a zero row stays zero
-    expected = _plain_internal(keys, x)
-    monkeypatch.setattr(conceptual, "CHUNK_ROWS", 7)
-    assert conceptual_diversity(keys, x)["internal_variability"] == pytest.approx(expected, rel=1e-9)
-    monkeypatch.setattr(conceptual, "CHUNK_ROWS", 100_000)
-    assert conceptual_diversity(keys, x)["internal_variability"] == pytest.approx(expected, rel=1e-9)
+    internal, population = _plain_variability(keys, x)
+    for chunk in (7, 100_000):
+        monkeypatch.setattr(conceptual, "CHUNK_ROWS", chunk)
+        result = conceptual_diversity(keys, x)
+        assert result["internal_variability"] == pytest.approx(internal, rel=1e-9)
+        assert result["population_variability"] == pytest.approx(population, rel=1e-9)
 
 
 def test_sampled_compression_ratio_agrees_with_the_exact_figure() -> None:
@@ -119,7 +125,7 @@ def test_report_states_its_samples(tmp_path: Path) -> None:
     assert report["sample"]["semantic_rows"] == 2000
     markdown = (out_dir / "report.md").read_text()
     assert f"compression ratio over at most {COMPRESSION_MAX_TEXTS} texts" in markdown
-    assert "distinct-n, attribute tables and conceptual internal variability use every record" in markdown
+    assert "distinct-n, attribute tables and conceptual diversity use every record" in markdown
     assert f"compression ratio over at most {COMPRESSION_MAX_TEXTS} texts" in (out_dir / "report.html").read_text()
 
 

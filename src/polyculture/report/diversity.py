@@ -6,7 +6,7 @@
 - semantic_diversity and mean_pairwise_similarity (metrics.semantic, over at most 2,000 records);
 - mean_nearest_neighbour_similarity and near_duplicate_share (share of sampled records whose nearest other record is
   at or above dedup.threshold) over the same sample;
-- conceptual (metrics.conceptual): internal vs population variability, prompts as individuals;
+- conceptual (metrics.conceptual): internal vs population variability, prompts as individuals, over every record;
 - calibration (metrics.calibration, VS methods only, else None): keyed by the first field attribute's value (matched
   to its allowed values) or by the normalised text.
 """
@@ -62,7 +62,7 @@ def stage_figures(
         vendi_score=vendi_score(x, max_rows=sample, seed=seed) if has_rows else None,
         mean_nearest_neighbour_similarity=float(nearest.mean()) if len(nearest) else None,
         near_duplicate_share=float((nearest >= spec.dedup.threshold).mean()) if len(nearest) else None,
-        conceptual=_conceptual(frame, x, sample, seed),
+        conceptual=_conceptual(frame, x),
         calibration=_calibration(spec, frame, text_column),
     )
     return figures, nearest
@@ -81,12 +81,12 @@ def embedding_rows(frame: pl.DataFrame, embeddings: np.ndarray | None, label: st
     return x if x.ndim == 2 and frame.height else np.zeros((0, x.shape[1] if x.ndim == 2 else 1))
 
 
-def _conceptual(frame: pl.DataFrame, x: np.ndarray, sample: int, seed: int) -> Conceptual:
+def _conceptual(frame: pl.DataFrame, x: np.ndarray) -> Conceptual:
     if frame.height and "call_id" not in frame.columns:
         return Conceptual(internal_variability=None, population_variability=None, ratio=None, homogeneous=None,
                           reason="the records have no call_id, so records cannot be grouped by prompt")  # fmt: skip
     keys = individual_keys(frame["call_id"]) if frame.height else []
-    return Conceptual.from_dict(conceptual_diversity(keys, x, max_rows=sample, seed=seed))
+    return Conceptual.from_dict(conceptual_diversity(keys, x))
 
 
 def _calibration(spec: BuildSpec, frame: pl.DataFrame, texts: pl.Series) -> Calibration | None:

@@ -490,9 +490,9 @@ class Headline(Model):
 @dataclass(frozen=True, kw_only=True)
 class Sample(Model):
     """Which figures are seeded-sample estimates, and of how many records; every other figure (counts, distinct-n,
-    attribute tables, conceptual internal variability) uses every record."""
+    attribute tables, conceptual diversity) uses every record."""
 
-    records: int  # self-BLEU, Vendi, nearest neighbours, conceptual population variability
+    records: int  # self-BLEU, Vendi, nearest neighbours
     map: str
     seed: int
     semantic_rows: int = 2000  # semantic diversity, mean pairwise similarity
