@@ -11,12 +11,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from polyculture.metrics import conceptual
+from polyculture.metrics import conceptual, semantic
 from polyculture.metrics.attribute import attribute_summary
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.conceptual import conceptual_diversity, individual_key, individual_keys
 from polyculture.metrics.lexical import compression_ratio, distinct_n, distinct_ns, tokenize
-from polyculture.metrics.semantic import prepared_rows
+from polyculture.metrics.semantic import nearest_neighbour_similarity, prepared_rows
 from polyculture.report.diversity import COMPRESSION_MAX_TEXTS
 
 
@@ -133,3 +133,14 @@ def test_attribute_summary_of_a_polars_column_equals_the_list_one() -> None:
     values = ["doctor", "teacher", None, "pilot", "doctor", "Doctor", "pilot", "chef", None] * 7
     target = {"doctor": 2.0, "teacher": 1.0, "chef": 1.0}
     assert attribute_summary(pl.Series(values, dtype=pl.String), target) == attribute_summary(values, target)
+
+
+def test_nearest_neighbours_by_faiss_equal_the_dense_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    x[10] = x[11]  # an exact duplicate pair: each one's nearest other row scores 1
+    dense = nearest_neighbour_similarity(x, max_rows=600)
+    monkeypatch.setattr(semantic, "DENSE_MAX_ROWS", 100)
+    by_faiss = nearest_neighbour_similarity(x, max_rows=600)
+    np.testing.assert_allclose(by_faiss, dense, atol=1e-5)
+    assert by_faiss[10] == pytest.approx(1.0, abs=1e-5) and by_faiss[11] == pytest.approx(1.0, abs=1e-5)

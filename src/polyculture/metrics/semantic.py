@@ -13,6 +13,8 @@ from contextlib import AbstractContextManager
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+DENSE_MAX_ROWS = 5000  # nearest neighbours from a dense n x n matrix up to here (200 MB); FAISS beyond
+
 
 def one_blas_thread() -> AbstractContextManager[object]:
     """BLAS on one thread for the report's small matrices (at most a few thousand rows): on a busy 2-core machine
@@ -65,10 +67,24 @@ def mean_pairwise_similarity(embeddings: np.ndarray, max_rows: int = 2000, seed:
 
 
 def nearest_neighbour_similarity(embeddings: np.ndarray, max_rows: int = 2000, seed: int = 0) -> np.ndarray:
-    """Each (sampled) row's largest cosine similarity to another row of the sample; empty for fewer than 2 rows."""
+    """Each (sampled) row's largest cosine similarity to another row of the sample; empty for fewer than 2 rows.
+
+    Up to DENSE_MAX_ROWS rows from the full float64 matrix; beyond, exact FAISS flat search (float32, k=2: the row
+    itself and its nearest other), since `report.sample` may be 100,000 and that matrix would be 80 GB."""
     x = prepared_rows(embeddings, max_rows, seed)
-    if x.shape[0] < 2:
+    n = x.shape[0]
+    if n < 2:
         return np.zeros(0)
+    if n > DENSE_MAX_ROWS:
+        import faiss  # only a large sample needs it
+
+        rows = np.ascontiguousarray(x, dtype=np.float32)
+        index = faiss.IndexFlatIP(rows.shape[1])
+        index.add(rows)
+        scores, ids = index.search(rows, 2)
+        # With an exact duplicate the first hit may be the other copy: then it is the nearest other row anyway.
+        nearest = np.where(ids[:, 0] == np.arange(n), scores[:, 1], scores[:, 0]).astype(np.float64)
+        return np.clip(nearest, -1.0, 1.0)
     with one_blas_thread():
         sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
