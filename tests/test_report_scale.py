@@ -17,6 +17,7 @@ from polyculture.metrics.calibration import calibration
 from polyculture.metrics.conceptual import conceptual_diversity, individual_key, individual_keys
 from polyculture.metrics.lexical import compression_ratio, distinct_n, distinct_ns, tokenize
 from polyculture.metrics.semantic import nearest_neighbour_similarity, prepared_rows
+from polyculture.report import diversity
 from polyculture.report.diversity import COMPRESSION_MAX_TEXTS
 
 
@@ -144,3 +145,17 @@ def test_nearest_neighbours_by_faiss_equal_the_dense_matrix(monkeypatch: pytest.
     by_faiss = nearest_neighbour_similarity(x, max_rows=600)
     np.testing.assert_allclose(by_faiss, dense, atol=1e-5)
     assert by_faiss[10] == pytest.approx(1.0, abs=1e-5) and by_faiss[11] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_stages_distinct_measures_subsets_as_their_own_texts() -> None:
+    texts = _corpus(400, seed=4)
+    validated = pl.DataFrame({"record_id": [f"r{i}" for i in range(400)], "text": texts})
+    pool = validated[::3]  # a subset, in another order below
+    final = validated[::5].with_columns(pl.when(pl.col("record_id") == "r10").then(pl.lit("rewritten words here"))
+                                        .otherwise(pl.col("text")).alias("text"))  # fmt: skip
+    frames = {"before": (validated, None), "after_dedup": (pool.reverse(), None), "after": (final, None)}
+    assert diversity._rows_within(validated, final) is None  # a changed text: measured on its own
+    got = diversity.stages_distinct(frames)
+    for key, (frame, _) in frames.items():
+        expected = {n: _plain_distinct_n(frame["text"].to_list(), n) for n in (1, 2)}
+        assert got[key] == pytest.approx(expected, abs=1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -35,6 +35,14 @@ def distinct_ns(texts: Sequence[str | None] | pl.Series, ns: Sequence[int]) -> d
     Vectorised with polars so a million texts take seconds: tokens (the same words as `tokenize`) become dense
     integer ids, an n-gram is the tuple of n consecutive ids within one text, and unique n-grams are counted by
     polars' `n_unique` over those tuples."""
+    return distinct_ns_of_subsets(texts, ns, {"all": None})["all"]
+
+
+def distinct_ns_of_subsets(
+    texts: Sequence[str | None] | pl.Series, ns: Sequence[int], subsets: Mapping[str, np.ndarray | None]
+) -> dict[str, dict[int, float]]:
+    """`distinct_ns` of several subsets of one corpus (each a sorted array of row numbers, None for every row), with
+    the corpus tokenised once: a report's later stages are subsets of its validated records."""
     if any(n < 1 for n in ns):
         raise ValueError(f"n must be >= 1, got {min(ns)}")
     series = texts if isinstance(texts, pl.Series) else pl.Series("text", list(texts), dtype=pl.String)
@@ -42,6 +50,20 @@ def distinct_ns(texts: Sequence[str | None] | pl.Series, ns: Sequence[int]) -> d
     grams = pl.DataFrame({"token": tokens}).with_row_index("doc").explode("token").drop_nulls("token")
     ids = grams["token"].cast(pl.Categorical).to_physical().cast(pl.UInt64)
     doc = grams["doc"]
+    out: dict[str, dict[int, float]] = {}
+    for key, rows in subsets.items():
+        if rows is None:
+            out[key] = _distinct(ids, doc, ns)
+            continue
+        # Whole texts are kept or dropped, so a kept text's tokens stay adjacent and its n-grams intact.
+        chosen = np.zeros(len(series), dtype=bool)
+        chosen[rows] = True
+        keep = pl.Series(chosen).gather(doc)
+        out[key] = _distinct(ids.filter(keep), doc.filter(keep), ns)
+    return out
+
+
+def _distinct(ids: pl.Series, doc: pl.Series, ns: Sequence[int]) -> dict[int, float]:
     out: dict[int, float] = {}
     for n in ns:
         if n == 1:

@@ -22,7 +22,7 @@ from polyculture.index.text import normalize_text
 from polyculture.metrics.answers import canonical_answers
 from polyculture.metrics.calibration import calibration
 from polyculture.metrics.conceptual import conceptual_diversity, individual_keys
-from polyculture.metrics.lexical import compression_ratio, distinct_ns
+from polyculture.metrics.lexical import compression_ratio, distinct_ns, distinct_ns_of_subsets
 from polyculture.metrics.self_bleu import self_bleu
 from polyculture.metrics.semantic import mean_pairwise_similarity, nearest_neighbour_similarity, semantic_diversity
 from polyculture.metrics.vendi import vendi_score
@@ -40,14 +40,20 @@ Frames = Mapping[str, tuple[pl.DataFrame, np.ndarray | None]]  # stage key -> (r
 
 
 def stage_figures(
-    spec: BuildSpec, frame: pl.DataFrame, embeddings: np.ndarray | None, label: str
+    spec: BuildSpec,
+    frame: pl.DataFrame,
+    embeddings: np.ndarray | None,
+    label: str,
+    distinct: Mapping[int, float] | None = None,
 ) -> tuple[StageFigures, np.ndarray]:
-    """One stage's figures (see the module docstring) and its sampled nearest-neighbour similarities (for the plot)."""
+    """One stage's figures (see the module docstring) and its sampled nearest-neighbour similarities (for the plot).
+    `distinct`: its distinct-1 and -2 when already computed (`stages_distinct`)."""
     if frame.height and "text" not in frame.columns:
         raise ValueError(f"the {label} records frame has no 'text' column (columns: {frame.columns})")
     x = embedding_rows(frame, embeddings, label)
     text_column = frame["text"].cast(pl.String).fill_null("") if frame.height else pl.Series("text", [], pl.String)
-    distinct = distinct_ns(text_column, (1, 2))  # polars over every record: exact, and seconds at a million
+    if distinct is None:
+        distinct = distinct_ns(text_column, (1, 2))  # polars over every record: exact, and seconds at a million
     sample, seed = spec.report.sample, spec.seed
     has_rows, semantic_rows = x.shape[0] > 0, SEMANTIC_MAX_ROWS
     nearest = nearest_neighbour_similarity(x, max_rows=sample, seed=seed) if has_rows else np.zeros(0)
@@ -66,6 +72,45 @@ def stage_figures(
         calibration=_calibration(spec, frame, text_column),
     )
     return figures, nearest
+
+
+def stages_distinct(frames: Frames) -> dict[str, dict[int, float]]:
+    """Distinct-1 and -2 of every stage. The validated texts are tokenised once and a later stage whose records are
+    among them (same record_id, same text) is measured as that subset; any other stage is tokenised on its own."""
+    validated = frames["before"][0]
+    subsets: dict[str, np.ndarray | None] = {"before": None}
+    for key, (frame, _) in frames.items():
+        if key != "before" and (rows := _rows_within(validated, frame)) is not None:
+            subsets[key] = rows
+    out = distinct_ns_of_subsets(_texts(validated), (1, 2), subsets) if validated.height else {}
+    for key, (frame, _) in frames.items():
+        if key not in out:
+            out[key] = distinct_ns(_texts(frame), (1, 2))
+    return out
+
+
+def _texts(frame: pl.DataFrame) -> pl.Series:
+    if "text" not in frame.columns:
+        return pl.Series("text", [], dtype=pl.String)
+    return frame["text"].cast(pl.String).fill_null("")
+
+
+def _rows_within(validated: pl.DataFrame, frame: pl.DataFrame) -> np.ndarray | None:
+    """Sorted row numbers of `frame`'s records in `validated`, or None when some record is not there unchanged."""
+    if frame.height == 0 or not {"record_id", "text"} <= set(frame.columns) & set(validated.columns):
+        return None
+    lookup = validated.select(
+        pl.col("record_id").cast(pl.String),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+        _texts(validated).alias("_text"),
+    )
+    joined = frame.select(pl.col("record_id").cast(pl.String), _texts(frame)).join(
+        lookup, on="record_id", how="left", maintain_order="left"
+    )
+    if joined.height != frame.height or joined["_row"].null_count() or not (joined["text"] == joined["_text"]).all():
+        return None
+    rows = np.sort(joined["_row"].to_numpy())
+    return rows if len(rows) < 2 or bool((np.diff(rows) > 0).all()) else None  # a record twice: not a subset
 
 
 def embedding_rows(frame: pl.DataFrame, embeddings: np.ndarray | None, label: str) -> np.ndarray:
