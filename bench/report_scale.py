@@ -42,7 +42,7 @@ MOODS = ["happy", "sad", "calm"]
 PARTS = {
     diversity: ["distinct_n", "distinct_ns", "compression_ratio", "self_bleu", "semantic_diversity", "mean_pairwise_similarity",
                 "vendi_score", "nearest_neighbour_similarity", "_conceptual", "_calibration"],
-    write: ["attribute_figures", "monoculture", "plot_attribute", "plot_similarity", "embedding_map",
+    write: ["stages_distinct", "attribute_figures", "monoculture", "plot_attribute", "plot_similarity", "embedding_map",
             "render_markdown", "render_html", "reject_groups"],
     embedding_map: ["project_2d", "plot_embedding_map"],
 }  # fmt: skip
