@@ -115,7 +115,22 @@ def wrap_parts(timings: dict[str, float]) -> None:
             setattr(module, name, timed)
 
 
-def run(n: int, dim: int, folder: Path) -> dict[str, object]:
+def cached_synthetic(n: int, dim: int, data_dir: Path | None) -> tuple[pl.DataFrame, np.ndarray]:
+    """`synthetic`, read from / written to data_dir when given (records.parquet, embeddings.npy), so a run can time
+    the report alone on a machine where one long process is unwelcome."""
+    if data_dir is None:
+        return synthetic(n, dim, seed=7)
+    records, vectors = data_dir / f"records-{n}.parquet", data_dir / f"embeddings-{n}x{dim}.npy"
+    if records.exists() and vectors.exists():
+        return pl.read_parquet(records), np.load(vectors)
+    frame, x = synthetic(n, dim, seed=7)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(records)
+    np.save(vectors, x)
+    return frame, x
+
+
+def run(n: int, dim: int, folder: Path, data_dir: Path | None = None) -> dict[str, object]:
     (folder / "person.schema.json").write_text(json.dumps(SCHEMA))
     spec = parse_spec(
         {
@@ -134,7 +149,7 @@ def run(n: int, dim: int, folder: Path) -> dict[str, object]:
         base_dir=folder,
     )
     started = time.perf_counter()
-    frame, x = synthetic(n, dim, seed=7)
+    frame, x = cached_synthetic(n, dim, data_dir)
     rng = np.random.default_rng(1)
     pool_rows = np.sort(rng.choice(n, size=int(n * 0.9), replace=False))
     final_rows = np.sort(rng.choice(pool_rows, size=int(n * 0.8), replace=False))
@@ -181,11 +196,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="records (repeatable; default 100000)")
     parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--data-dir", type=Path, help="keep the synthetic data here and reuse it (same n, dim)")
+    parser.add_argument("--only-data", action="store_true", help="write the synthetic data to --data-dir and stop")
     args = parser.parse_args()
+    if args.only_data:
+        if args.data_dir is None:
+            parser.error("--only-data needs --data-dir")
+        for n in args.n or [100_000]:
+            cached_synthetic(n, args.dim, args.data_dir)
+        return
     for n in args.n or [100_000]:
         # One size per process would give clean peaks; run sizes in separate invocations for that.
         with tempfile.TemporaryDirectory() as tmp:
-            result = run(n, args.dim, Path(tmp))
+            result = run(n, args.dim, Path(tmp), args.data_dir)
         print(json.dumps(result), flush=True)
         if len(args.n or []) > 1:
             print("note: peak RSS is the process's so far; run one size per invocation for a clean peak",
