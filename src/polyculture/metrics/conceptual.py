@@ -47,7 +47,7 @@ def conceptual_diversity(individuals: Sequence[str] | pl.Series, embeddings: np.
     if n_rows != (x.shape[0] if x.ndim == 2 else 0) and n_rows:
         raise ValueError(f"{n_rows} individuals but embeddings of shape {x.shape}")
     # Dense integer labels, so grouping a million records is array work, not a dict of lists.
-    keys = pl.Series("key", individuals, dtype=pl.String)
+    keys = pl.Series("key", individuals, dtype=pl.String).fill_null("")  # a missing key: the "" individual
     labels = (keys.rank("dense").to_numpy() - 1).astype(np.int64) if n_rows else np.zeros(0, dtype=np.int64)
     sizes = np.bincount(labels) if n_rows else np.zeros(0, dtype=np.int64)
     repeated = sizes >= 2
