@@ -19,23 +19,23 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 
-from polyculture.metrics.lexical import tokenize
+from polyculture.metrics.lexical import sample_texts, tokenize
 
 SMOOTHING_EPSILON = 0.1  # nltk SmoothingFunction().method1's default
 
 
-def self_bleu(texts: Sequence[str], *, max_n: int = 4, max_texts: int | None = None, seed: int = 0) -> float | None:
+def self_bleu(
+    texts: Sequence[str | None] | pl.Series, *, max_n: int = 4, max_texts: int | None = None, seed: int = 0
+) -> float | None:
     """Mean BLEU-`max_n` (uniform weights) of each text against all the others; None for fewer than 2 texts.
 
     `max_texts` scores a seeded sample of that many texts (each against the rest of the sample), as the report does.
     """
     if max_n < 1:
         raise ValueError(f"max_n must be >= 1, got {max_n}")
-    texts = list(texts)
-    if max_texts is not None and len(texts) > max_texts:
-        rows = np.sort(np.random.default_rng(seed).choice(len(texts), size=max_texts, replace=False))
-        texts = [texts[i] for i in rows]
+    texts = sample_texts(texts, max_texts, seed)
     if len(texts) < 2:
         return None
     tokens = [tokenize(t or "") for t in texts]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from polyculture.metrics.semantic import prepared_rows
+from polyculture.metrics.semantic import one_blas_thread, prepared_rows
 
 
 def vendi_score(embeddings: np.ndarray, max_rows: int = 1000, seed: int = 0) -> float | None:
@@ -23,6 +23,7 @@ def vendi_score(embeddings: np.ndarray, max_rows: int = 1000, seed: int = 0) -> 
         return None
     from vendi_score import vendi  # imported here: only the report needs it
 
-    if x.shape[0] < x.shape[1]:
-        x = np.linalg.qr(x.T, mode="r").T  # same kernel, n x n
-    return float(vendi.score_dual(x, normalize=False))
+    with one_blas_thread():
+        if x.shape[0] < x.shape[1]:
+            x = np.linalg.qr(x.T, mode="r").T  # same kernel, n x n
+        return float(vendi.score_dual(x, normalize=False))

@@ -40,12 +40,12 @@ def attribute_figures(
     return attributes
 
 
-def _column(frame: pl.DataFrame, name: str, label: str) -> list[str | None]:
+def _column(frame: pl.DataFrame, name: str, label: str) -> pl.Series:
     if name not in frame.columns:
         if frame.height == 0:
-            return []  # an empty stage has no columns to speak of
+            return pl.Series(name, [], dtype=pl.String)  # an empty stage has no columns to speak of
         raise ValueError(f"the {label} records frame has no column for attribute '{name}' (columns: {frame.columns})")
-    return frame[name].cast(pl.String).to_list()
+    return frame[name].cast(pl.String)
 
 
 def _target_counts(attr: Attribute, cells: pl.DataFrame, target_size: int) -> dict[str, int]:

@@ -31,16 +31,17 @@ def embedding_map(
     rows = np.arange(x.shape[0])
     if len(rows) > sample:
         rows = np.sort(rng.choice(len(rows), size=sample, replace=False))
-    ids = validated["record_id"].to_list()
-    pool_ids = _ids(frames["after_dedup"][0]) if "after_dedup" in frames else None
-    final_ids = _ids(frames["after"][0])
+    # Only the sampled records' fates are looked up (polars is_in), never a set of a million ids.
+    ids = validated["record_id"].cast(pl.String).gather(rows)
+    kept = ids.is_in(_ids(frames["after"][0]).implode()).to_list()
+    in_pool = ids.is_in(_ids(frames["after_dedup"][0]).implode()).to_list() if "after_dedup" in frames else None
     fates = []
-    for i in rows:
-        if ids[i] in final_ids:
+    for i, is_kept in enumerate(kept):
+        if is_kept:
             fates.append("kept")
-        elif pool_ids is None:
+        elif in_pool is None:
             fates.append("not kept")  # without the pool, dedup and rebalancing cannot be told apart
-        elif ids[i] not in pool_ids:
+        elif not in_pool[i]:
             fates.append("dropped by dedup")
         else:
             fates.append("cut by rebalancing")
@@ -62,10 +63,15 @@ def embedding_map(
     final = frames["after"][0]
     values = None
     if attribute is not None and attribute in final.columns and "record_id" in final.columns:
-        by_id = dict(zip(final["record_id"].to_list(), final[attribute].cast(pl.String).to_list(), strict=True))
-        values = [by_id.get(ids[i]) for i in rows] + [None] * (len(fates) - len(rows))
+        sampled = pl.DataFrame({"record_id": ids})
+        by_id = final.select(pl.col("record_id").cast(pl.String), pl.col(attribute).cast(pl.String).alias("value"))
+        # A left join keeps the sample's order; record ids are unique in the final frame.
+        values = sampled.join(by_id, on="record_id", how="left", maintain_order="left")["value"].to_list()
+        values += [None] * (len(fates) - len(rows))
     return plot_embedding_map(coords, fates, values, plots_dir, method=spec.report.map, attribute=attribute)
 
 
-def _ids(frame: pl.DataFrame) -> set[str]:
-    return set(frame["record_id"].to_list()) if "record_id" in frame.columns else set()
+def _ids(frame: pl.DataFrame) -> pl.Series:
+    if "record_id" not in frame.columns:
+        return pl.Series("record_id", [], dtype=pl.String)
+    return frame["record_id"].cast(pl.String)

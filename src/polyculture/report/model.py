@@ -492,9 +492,14 @@ class Headline(Model):
 
 @dataclass(frozen=True, kw_only=True)
 class Sample(Model):
-    records: int  # pairwise figures use a seeded sample of at most this many records per stage
+    """Which figures are seeded-sample estimates, and of how many records; every other figure (counts, distinct-n,
+    attribute tables, conceptual diversity) uses every record."""
+
+    records: int  # self-BLEU, Vendi, nearest neighbours
     map: str
     seed: int
+    semantic_rows: int = 2000  # semantic diversity, mean pairwise similarity
+    compression_texts: int = 10_000  # compression ratio
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,13 @@ import numpy as np
 import polars as pl
 
 from polyculture.report.attributes import attribute_figures
-from polyculture.report.diversity import Frames, stage_figures
+from polyculture.report.diversity import (
+    COMPRESSION_MAX_TEXTS,
+    SEMANTIC_MAX_ROWS,
+    Frames,
+    stage_figures,
+    stages_distinct,
+)
 from polyculture.report.embedding_map import embedding_map
 from polyculture.report.html import render_html
 from polyculture.report.markdown import render_markdown
@@ -157,7 +163,13 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         ),
         counts={str(k): int(v) for k, v in inputs.counts.items()},
         diversity=diversity,
-        sample=Sample(records=spec.report.sample, map=spec.report.map, seed=spec.seed),
+        sample=Sample(
+            records=spec.report.sample,
+            map=spec.report.map,
+            seed=spec.seed,
+            semantic_rows=SEMANTIC_MAX_ROWS,
+            compression_texts=COMPRESSION_MAX_TEXTS,
+        ),
         attributes=attributes,
         monoculture=mono,
         quality=quality,
@@ -207,9 +219,10 @@ def _pair(records: RecordSet) -> tuple[pl.DataFrame, np.ndarray | None]:
 def _diversity(spec: BuildSpec, frames: Frames) -> tuple[Diversity, dict[str, np.ndarray]]:
     """Each measured stage's figures, and its sampled nearest-neighbour similarities by stage label (for the plot)."""
     figures, nearest = {}, {}
+    distinct = stages_distinct(frames)  # the validated texts tokenised once for every stage
     for key, label in STAGES:
         if key in frames:
-            figures[key], nearest[label] = stage_figures(spec, *frames[key], label)
+            figures[key], nearest[label] = stage_figures(spec, *frames[key], label, distinct[key])
     return Diversity(before=figures["before"], after_dedup=figures.get("after_dedup"), after=figures["after"]), nearest
 
 
