@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     limit_usearch_threads(args.threads)
+    parts = args.parts.split(",")
     embedders = {}
-    for name in ("minilm-l6", "minilm-l6-static"):
+    for name in ("minilm-l6", "minilm-l6-static") if {"speed", "recall"} & set(parts) else ("minilm-l6-static",):
         started = time.perf_counter()
         embedders[name] = Embedder(name)
         embedders[name].load_s = round(time.perf_counter() - started, 2)  # the static one: distils on first use
     results = {"load_start": os.getloadavg(), "config": vars(args)}
-    parts = args.parts.split(",")
     if "speed" in parts:
         results["speed"] = part_speed(args, embedders)
     if "recall" in parts:
