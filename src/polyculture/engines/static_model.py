@@ -1,6 +1,6 @@
 """`minilm-l6-static`: a model2vec static embedding model distilled locally from the embedded MiniLM.
 
-A static model looks token vectors up and averages them: no transformer pass, so it encodes tens of times faster than
+A static model looks token vectors up and averages them: no transformer pass, so it encodes ~100x faster than
 MiniLM on CPU, at some cost in how well it tells paraphrases from different texts (bench/static_embedding.py measures
 both). Nothing is downloaded: model2vec's `distill` runs MiniLM over its own vocabulary once (~1 minute on 2 cores);
 the result is cached under `cache_root()/models/`, keyed on the source folder's contents, the model2vec version and
