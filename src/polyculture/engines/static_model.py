@@ -26,7 +26,7 @@ class StaticModelUnavailable(RuntimeError):
 
 
 def is_static_model_folder(folder: Path) -> bool:
-    """A folder saved by model2vec (its config says so); such folders are loaded with model2vec, not sentence-transformers."""
+    """A folder saved by model2vec (its config says so): loaded with model2vec, not sentence-transformers."""
     try:
         return json.loads((folder / "config.json").read_text()).get("model_type") == "model2vec"
     except (OSError, ValueError, AttributeError):
