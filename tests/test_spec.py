@@ -226,7 +226,7 @@ def test_a_spec_is_pure_configuration_and_preflight_reads_the_disk(spec_dir, tmp
 def test_every_problem_is_listed_at_once_in_field_order(spec_dir):
     data = small_spec_dict(model={"name": "gpt-17"}, sampling={"temperature": -1}, dedup={"embedding_model": "nope"})
     lines = _refused(spec_dir, {"colour": "red", **data}).splitlines()[1:]
-    assert [line.split(":")[0].strip() for line in lines] == ["model", "sampling.temperature", "dedup", "colour"]
+    assert [line.split(":")[0].strip() for line in lines] == ["model", "sampling.temperature", "dedup.embedding_model", "colour"]
     # checks across sections wait for valid fields, and the record schema's come before the prompt's
     both = _refused(spec_dir, small_spec_dict(record={"schema": "nope.json"}, prompt={"template": "{{ nope }}"}))
     assert "record.schema: file 'nope.json' not found" in both and "prompt.template" not in both

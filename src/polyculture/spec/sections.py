@@ -211,7 +211,11 @@ class GenerationSpec(_Strict):
 
 class DedupSpec(_Strict):
     threshold: float = Field(default=0.92, gt=0, le=1, description="Cosine similarity at or above which two are dups.")
-    embedding_model: str = Field(default="minilm-l6", description="Embedded name or local sentence-transformers folder.")
+    embedding_model: str = Field(
+        default="minilm-l6",
+        description="Embedded name (minilm-l6; minilm-l6-static: a model2vec model distilled locally from it, much "
+        "faster on CPU) or a local sentence-transformers / model2vec folder.",
+    )
     keep: Literal["first", "probability", "central"] = Field(
         default="first",
         description="Which member of a duplicate cluster is kept: the first generated, the one with the highest "

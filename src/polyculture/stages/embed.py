@@ -1,4 +1,4 @@
-"""embed: sentence-transformers embeddings, cached on disk by the sha256 of the text.
+"""embed: sentence-transformers (or model2vec static) embeddings, cached on disk by the sha256 of the text.
 
 The cache lives under `cache_root()/embeddings/<model key>/` as `.npz` shards, each holding `keys` (32-byte sha256
 digests, dtype S32) and `vectors` (float32, L2-normalised). A shard is written to a temp file and renamed into place,
@@ -25,6 +25,7 @@ import numpy as np
 
 from polyculture.embedded import EMBEDDED_EMBEDDING_MODELS
 from polyculture.engines.model_files import cache_root, resolve_embedding_model
+from polyculture.engines.static_model import is_static_model_folder
 from polyculture.index.vectors import normalise_rows
 
 log = logging.getLogger(__name__)
@@ -46,23 +47,31 @@ def model_cache_key(name: str, path: Path) -> str:
     """
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
     if name in EMBEDDED_EMBEDDING_MODELS:
-        return slug
+        # A distilled model's folder name carries its key (source, distiller version, width): vectors follow it.
+        return path.name if name == "minilm-l6-static" else slug
     return f"{slug[:80]}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
 
 
 class Embedder:
-    """A sentence-transformers model on CPU with a persistent per-model cache of text -> vector."""
+    """A sentence-transformers or model2vec static model on CPU with a persistent per-model cache of text -> vector."""
 
     def __init__(self, name: str, base_dir: Path = Path("."), *, batch_size: int = 64) -> None:
-        from sentence_transformers import SentenceTransformer
-
         resolved = resolve_embedding_model(name, base_dir)
         self.name = name
         self.path = resolved.path
         self.batch_size = batch_size
-        self.model = SentenceTransformer(str(resolved.path), device="cpu")
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        dimension = get_dim()
+        self.static = is_static_model_folder(resolved.path)
+        if self.static:  # model2vec's own loader: numpy lookups, no torch pass (sentence-transformers' is slower)
+            from model2vec import StaticModel
+
+            self.model = StaticModel.from_pretrained(str(resolved.path))
+            dimension = self.model.dim
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(resolved.path), device="cpu")
+            get_dim = getattr(self.model, "get_embedding_dimension", None)
+            dimension = (get_dim or self.model.get_sentence_embedding_dimension)()
         if not dimension:
             raise ValueError(f"embedding model '{name}' does not report a fixed embedding dimension")
         self.dimension = int(dimension)
@@ -109,13 +118,17 @@ class Embedder:
         return out
 
     def _encode_uncached(self, texts: list[str], show_progress: bool) -> np.ndarray:
-        vectors = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            show_progress_bar=show_progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
+        if self.static:
+            # float16 weights: widen before normalising so every cached vector is float32 like MiniLM's.
+            vectors = self.model.encode(texts, batch_size=1024, show_progress_bar=show_progress).astype(np.float32)
+        else:
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                show_progress_bar=show_progress,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
         vectors = normalise_rows(np.asarray(vectors).reshape(len(texts), -1))
         if vectors.shape[1] != self.dimension:
             raise RuntimeError(f"model '{self.name}' returned {vectors.shape[1]}-d vectors, expected {self.dimension}")
