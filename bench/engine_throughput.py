@@ -10,6 +10,7 @@ noisy.
 --stage: the demo spec's own plan (configs/biographies.yaml: 68 prompts, n=2, max_tokens 900, T=0.7, top_p 0.9) with
 target_size x --scale, on one vLLM engine loaded once. Modes, each run once, in the order given:
 - raw: every conversation in one `vllm.LLM.chat` call (vLLM's scheduler batches them continuously);
+- raw:S: the same conversations in `vllm.LLM.chat` calls of S sequences (S / n prompts) each, one after another;
 - pipeline[:S]: `stages.generate.generate_round` with the in-process runner into a fresh shard folder (shards of
   model.batch_size prompts, shards joined into engine calls of up to S sequences; S unset: the spec's default),
   parsing and parquet writes included.
@@ -87,13 +88,17 @@ def stage_figure(args: argparse.Namespace) -> None:
         for mode in args.modes.split(","):
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            if mode == "raw":
+            if mode.startswith("raw"):
                 sampling = engine._params(params, schema)  # the engine's own translation of the same settings
                 engine.llm.reset_prefix_cache()
-                outputs = engine.llm.chat(conversations, sampling, use_tqdm=False)
+                _, _, per_call = mode.partition(":")
+                step = max(1, int(per_call) // spec.sampling.n) if per_call else len(conversations)
+                outputs = []
+                for at in range(0, len(conversations), step):
+                    outputs += engine.llm.chat(conversations[at : at + step], sampling, use_tqdm=False)
                 seconds = time.perf_counter() - started
                 tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-                extra: dict[str, object] = {"engine_calls": 1}
+                extra: dict[str, object] = {"engine_calls": -(-len(conversations) // step)}
             else:
                 _, _, per_call = mode.partition(":")
                 run = spec
