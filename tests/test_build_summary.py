@@ -140,6 +140,25 @@ def test_usage_counts_workers_and_engine_loads():
     }
     empty = build_usage([], pool.completions.clear(), pl.DataFrame(schema=SHARD_RUNS_SCHEMA), 0.0)
     assert empty["workers"] == 0 and empty["generated_tokens_per_second"] == 0.0
+    assert "quality_tokens" not in usage  # no quality checks: no cost line
+
+
+def test_quality_cost_is_per_round_and_summed_in_usage():
+    from dataclasses import replace
+
+    from polyculture.stages.quality import CheckCounts, QualityResult
+
+    pool = _pool()
+    counts = [CheckCounts("verified", "math_answer", True, 4, 1, 3, 0, None, tokens=1200, seconds=3.5),
+              CheckCounts("short", "expression", True, 4, 4, 0, 0, None)]  # fmt: skip
+    empty = pl.DataFrame()
+    scored = replace(pool, quality=QualityResult(empty, np.zeros((0, 4)), empty, empty, tuple(counts)))
+    row = round_row(0, pl.DataFrame({"n_prompts": [1]}), pool.completions, scored)
+    assert (row["quality_tokens"], row["quality_seconds"]) == (1200, 3.5)
+    rounds = [{**row, "generation_seconds": 1.0}, {"generation_seconds": 1.0, "quality_tokens": 300,
+                                                   "quality_seconds": 1.25}]  # fmt: skip
+    usage = build_usage(rounds, pool.completions, pl.DataFrame(schema=SHARD_RUNS_SCHEMA), 0.0)
+    assert (usage["quality_tokens"], usage["quality_seconds"]) == (1500, 4.75)
 
 
 

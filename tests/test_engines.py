@@ -168,6 +168,10 @@ def test_vllm_engine(tf_engine, spec_dir, tmp_path):
         # grammars compile where the engine core steps (not in background threads): the setting must be reachable
         assert _compile_grammars_synchronously(engine.llm)
         _check_constrained_call_isolated(engine)
+        # a schema vLLM would refuse with a traceback per request is refused once, naming the setting
+        undecodable = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 4}}}
+        with pytest.raises(EngineError, match=r"record\.schema: .*pattern"):
+            engine.generate([NUMBER_ONLY], SamplingParams(max_tokens=8), json_schema=undecodable)
         _check_joined_calls_resume(engine, spec_dir, tmp_path / "shards")
         # the two engines are independent implementations of the same quantity: bf16 vs fp32 agree closely
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)

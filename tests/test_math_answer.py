@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 from test_quality import records_of
 
 from polyculture.spec import MathAnswerCheck
 from polyculture.stages.quality import cache_frame, cache_from_frame, quality
-from polyculture.stages.quality_math import compare_answers
+from polyculture.stages.quality_math_compare import compare_answers
 
 
 def _compare(answer, solutions):
@@ -114,6 +115,7 @@ def test_verdicts_say_why_a_problem_fails():
     assert wrong[:2] == (0.75, False) and rate_wrong == 0.25
     assert wrong[2] == "the author's answer '17' is not the majority answer '5' (3/4 solutions), solve rate 0.25"
     assert weak[:2] == (0.25, False) and weak[2].startswith("agreement 0.25 < min_agreement 0.5")
+    assert "no two of the 4 solutions agree (first answer '5')" in weak[2]  # not called a majority
     assert banana[1] is False and "the author's answer 'banana?' is not the majority answer '1'" in banana[2]
     assert empty[1] is False and empty[2] == "the author's answer is empty or not text"
     assert silent[:2] == (0.0, False) and silent[2].startswith("no solution gave an answer math-verify reads")
@@ -188,7 +190,8 @@ def test_math_answer_on_the_real_model_solves_compares_and_caches(one_torch_thre
 
     from polyculture.engines.factory import create_engine
     from polyculture.spec import ModelSpec
-    from polyculture.stages.quality_math import solve_conversation, solve_seed, unbold
+    from polyculture.stages.quality_math import solve_conversation, solve_seed
+    from polyculture.stages.quality_math_compare import unbold
 
     rows = [
         {"problem": "What is 2 + 3?", "answer": "5"},
@@ -262,3 +265,47 @@ def test_repeating_decimals_written_with_overline_are_never_trusted():
     assert score == 0.0 and found["problem"].startswith("no solution gave an answer math-verify reads")
     score, found = _compare("1.\\overline{3}", ["\\boxed{1}"] * 3)
     assert score == 0.0 and "uses \\overline" in found["problem"]
+
+
+def test_a_problem_that_states_its_answer_fails_unsolved():
+    """What the embedded model writes when it cannot write a problem ('8.00 (whole fraction)', answer 8.00) is
+    solved by copying the number: such a record fails before any solution is sampled (no engine call is made)."""
+    from polyculture.stages.quality_math import math_outcomes, states_answer
+
+    assert states_answer("8.00 (whole fraction)", "8.00")
+    assert states_answer("0.8, probability of giving 0 is 1.8e-08", "1.8")  # inside an exponent form too
+    assert states_answer("I have 1,000 apples and eat 4.", "1000") and states_answer("It costs 12 dollars", 12.0)
+    assert not states_answer("A bag has 2 red and 3 blue balls. How many balls?", "5")
+    assert not states_answer("There are 5 cats and 4 dogs. How many cats?", "5")  # one digit: not looked for
+    assert not states_answer("What is 17 + 25?", "42") and not states_answer("Name it.", "banana")
+    records = [{"problem": "8.00 (whole fraction)", "answer": "8.00"}, {"problem": "2.1, probability: 1.25", "answer": "2.1"}]
+    solved = math_outcomes(records, ["r0", "r1"], _math_check(), engine=None)
+    assert [o[:2] for o in solved.outcomes] == [(None, False), (None, False)]
+    assert solved.outcomes[0][2] == "the problem states its own answer '8.00' (answer_in_problem: false)"
+    assert solved.tokens == 0 and solved.solve_rates == [None, None]
+
+
+def test_solving_skips_records_a_cheaper_gate_failed():
+    """A prose gate listed first: its failures are never solved (no engine time, no score row for the check); a
+    record that passes it is solved by the real engine."""
+    from test_quality import records_of
+
+    from polyculture.engines.factory import create_engine
+    from polyculture.spec import ModelSpec, ProseCheck
+    from polyculture.stages.quality import quality
+
+    rows = [{"problem": "12 (whole)", "answer": "12"},
+            {"problem": "Tom has seven apples and buys five more apples at the shop. How many apples does he have?",
+             "answer": "12"}]  # fmt: skip
+    checks = [ProseCheck(name="prose", kind="prose", field="problem"), _math_check(solves=3, max_tokens=48)]
+    engine = create_engine(ModelSpec(engine="transformers"), seed=5)
+    try:
+        result = quality(records_of(rows), np.zeros((2, 4), dtype=np.float32), checks, engine=engine)
+    finally:
+        engine.close()
+    solved = result.scores.filter(pl.col("check") == "verified")
+    assert solved["record_id"].to_list() == ["c1-0"]  # only the record that reads as prose was solved
+    counts = {c.name: c for c in result.counts}
+    assert counts["verified"].checked == 1 and counts["verified"].tokens > 0
+    assert set(result.rejects["record_id"].to_list()) >= {"c0-0"}
+    assert "prose" in result.rejects.filter(pl.col("record_id") == "c0-0")["detail"][0]

@@ -16,7 +16,7 @@ import tomllib
 import pytest
 from conftest import PROJECT
 
-from polyculture.stages.quality_math import compare_answers, unbold
+from polyculture.stages.quality_math_compare import compare_answers, unbold
 
 
 def _parse(text: str) -> list:

@@ -101,6 +101,8 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
     problems = quality_problems(spec.quality, schema, base)
     if spec.decontaminate is not None:
         problems += decontaminate_problems(spec.decontaminate, schema, base)
+    if spec.prompt.exemplars is not None:
+        problems += exemplars_problems(spec, base)
     if problems:
         raise SpecError(spec_error_message(problems))
     return spec.attach(base, schema, _located_files(spec, base))
@@ -189,6 +191,34 @@ def decontaminate_problems(settings: DecontaminateSpec, schema: dict[str, Any], 
     return problems
 
 
+def exemplars_problems(spec: BuildSpec, base_dir: Path) -> list[Problem]:
+    """prompt.exemplars' source readable with its text column, and not the same file as a decontamination
+    benchmark (the spec caught the same name; this catches two spellings of one path)."""
+    exemplars = spec.prompt.exemplars
+    assert exemplars is not None
+    where: tuple[str | int, ...] = ("prompt", "exemplars", "source")
+    if exemplars.source == CHAMP:
+        if champ_file() is None:
+            return [(where, f"the built-in '{CHAMP}' needs the {CHAMP_PACKAGE} package (pip install {CHAMP_PACKAGE})")]
+        return []
+    found = locate_benchmark(exemplars.source, base_dir)
+    if found is None:
+        return [(where, f"'{exemplars.source}' not found (looked beside the spec and in the working folder)")]
+    try:
+        for file in source_files(found):
+            columns = source_columns(file)
+            if exemplars.field not in columns:
+                return [(("prompt", "exemplars", "field"), f"'{file}' has no column '{exemplars.field}' "
+                                                           f"(columns: {columns})")]  # fmt: skip
+    except SourceError as exc:
+        return [(where, str(exc))]
+    for benchmark in spec.decontaminate.benchmarks if spec.decontaminate else []:
+        if not isinstance(benchmark, str) and locate_benchmark(benchmark.path, base_dir) == found:
+            return [(where, f"'{exemplars.source}' is also the decontaminate benchmark '{benchmark.label}'; examples "
+                            "shown to the model must not come from a benchmark the records are checked against")]  # fmt: skip
+    return []
+
+
 def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]]:
     """Where the files the spec names besides the record schema are, as absolute paths (the checks above found
     them); the report reference is only looked for beside the spec, and checked when the build reads it."""
@@ -201,6 +231,9 @@ def _located_files(spec: BuildSpec, base_dir: Path) -> dict[str, str | list[str]
         located["dedup.reference"] = [str(locate_release_index(f, base_dir)) for f in spec.dedup.reference]
     if spec.report.reference is not None:
         located["report.reference.path"] = str((base_dir / Path(spec.report.reference.path).expanduser()).resolve())
+    exemplars = spec.prompt.exemplars
+    if exemplars is not None and exemplars.source != CHAMP:
+        located["prompt.exemplars.source"] = str(locate_benchmark(exemplars.source, base_dir))
     for i, benchmark in enumerate(spec.decontaminate.benchmarks if spec.decontaminate else []):
         found = None if isinstance(benchmark, str) else locate_benchmark(benchmark.path, base_dir)
         if found is not None:

@@ -150,6 +150,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        if json_schema is not None:
+            _check_schema_decodable(json_schema)
         structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
         return VLLMSamplingParams(
             n=params.n,
@@ -242,6 +244,19 @@ class VLLMEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _check_schema_decodable(json_schema: dict[str, Any]) -> None:
+    """vLLM refuses, per request and with a traceback, schemas whose features xgrammar cannot enforce (e.g. a string
+    with both a pattern and minLength/maxLength); say which setting to change instead."""
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    if has_xgrammar_unsupported_json_features(json_schema):
+        raise EngineError(
+            "record.schema: uses JSON Schema features that vLLM's structured decoding (xgrammar) cannot enforce, "
+            "e.g. a string with both a pattern (or format) and minLength/maxLength, multipleOf on a number, or "
+            "uniqueItems on an array; drop one of the pair (a pattern can bound the length itself: [0-9]{1,9})"
+        )
 
 
 def _compile_grammars_synchronously(llm: Any) -> bool:

@@ -276,6 +276,9 @@ class Round(Model):
     final: int
     short_cells: int
     missing: int
+    # Engine cost of the round's quality checks (solving, judging); absent without quality checks.
+    quality_tokens: int | None = field(default=None, metadata=OMIT_NONE)
+    quality_seconds: float | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

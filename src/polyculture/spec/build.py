@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import jinja2
@@ -93,15 +93,33 @@ class BuildSpec(_Strict):
         if problem is not None:
             raise ValueError(problem)
         names = [a.name for a in self.attributes]
-        undeclared = _template_variables(self.prompt) - {a.name for a in self.attributes} - TEMPLATE_BUILTINS
+        builtins = TEMPLATE_BUILTINS | ({EXEMPLARS_VARIABLE} if self.prompt.exemplars else set())
+        undeclared = template_variables(self.prompt) - {a.name for a in self.attributes} - builtins
         if undeclared:
             raise ValueError(
                 f"prompt.template: uses undefined variables {sorted(undeclared)}; allowed: attribute names "
-                f"{names} and {sorted(TEMPLATE_BUILTINS)}"
+                f"{names} and {sorted(builtins)}"
             )
+        self._check_exemplars()
         self._check_table()
         self._check_quality()
         return self
+
+    def _check_exemplars(self) -> None:
+        # Examples shown to the model are exactly what decontamination looks for: a benchmark in the prompt would
+        # leak into the records it then flags (or fail to flag paraphrases of it).
+        exemplars = self.prompt.exemplars
+        if exemplars is None or self.decontaminate is None:
+            return
+        for benchmark in self.decontaminate.benchmarks:
+            same = benchmark == exemplars.source if isinstance(benchmark, str) else (
+                PurePath(benchmark.path) == PurePath(exemplars.source)
+            )
+            if same:
+                raise ValueError(
+                    f"prompt.exemplars.source: '{exemplars.source}' is also a decontaminate benchmark; examples "
+                    "shown to the model must not come from a benchmark the records are checked against"
+                )
 
     def _check_quality(self) -> None:
         problem = quality_names_problem(self.quality)
@@ -224,6 +242,8 @@ RESERVED_COLUMNS = frozenset(
 )  # fmt: skip
 # Variables every template may use besides the attributes.
 TEMPLATE_BUILTINS = frozenset({"k", "index"})
+# With prompt.exemplars: the list of example texts sampled for the prompt.
+EXEMPLARS_VARIABLE = "exemplars"
 
 
 def attribute_names_problem(attributes: list[Attribute]) -> str | None:
@@ -238,7 +258,8 @@ def attribute_names_problem(attributes: list[Attribute]) -> str | None:
     return None
 
 
-def _template_variables(prompt: PromptSpec) -> set[str]:
+def template_variables(prompt: PromptSpec) -> set[str]:
+    """The variables the prompt's templates use that they do not define themselves."""
     env = jinja2.Environment()
     found: set[str] = set()
     for text in (prompt.template, prompt.system):

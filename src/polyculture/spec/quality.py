@@ -173,6 +173,12 @@ class MathAnswerCheck(_Check):
         default="Solve this problem step by step. Put only the final answer inside \\boxed{}.\n\n{problem}",
         description="The one user turn that asks for a solution; `{problem}` is replaced by the problem.",
     )
+    answer_in_problem: bool = Field(
+        default=False,
+        description="Allow a problem whose text holds its own answer as a number (e.g. '8.00 (whole fraction)' with "
+        "answer 8.00: solving it only copies the answer). Off: such a problem fails unsolved; answers written as one "
+        "digit (0-9) are not looked for, they occur in problems by chance.",
+    )
     temperature: float = Field(default=0.7, gt=0, le=2, description="Sampling temperature of the solutions.")
     max_tokens: int = Field(default=512, ge=16, le=8192, description="Tokens per solution.")
     timeout_s: float = Field(default=10.0, gt=0, le=600, description="Time to parse and compare one problem's answers.")

@@ -105,9 +105,30 @@ class Attribute(_Strict):
         return {v: w / total for v, w in zip(self.values, weights, strict=True)}
 
 
+class ExemplarsSpec(_Strict):
+    """Seed examples sampled into each prompt ("write a new problem inspired by these"), seeded by the run's seed."""
+
+    source: str = Field(
+        min_length=1,
+        description="'champ' (the built-in CHAMP problems) or a parquet / JSON Lines / CSV file or parquet folder, "
+        "relative to the spec file. Must not be a decontamination benchmark of the same build.",
+    )
+    field: str = Field(default="text", min_length=1, description="Column of the source holding each example's text.")
+    per_prompt: int = Field(default=2, ge=1, le=10, description="Examples sampled into each prompt.")
+
+
 class PromptSpec(_Strict):
-    template: str = Field(min_length=1, description="Jinja2 template of the user message; attributes are variables.")
+    template: str = Field(
+        min_length=1,
+        description="Jinja2 template of the user message; attributes are variables (and `exemplars`, a list of "
+        "texts, with prompt.exemplars).",
+    )
     system: str | None = Field(default=None, description="Optional system message (Jinja2 too).")
+    exemplars: ExemplarsSpec | None = Field(
+        default=None,
+        description="Examples from a source sampled into each prompt: the template's `exemplars` variable, or a "
+        "block appended to the user message when the template does not use it.",
+    )
 
     @field_validator("template", "system")
     @classmethod

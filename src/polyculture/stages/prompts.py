@@ -5,14 +5,20 @@ a top-up cell adds for attributes the pipeline cannot set, and the JSON Schema t
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import polars as pl
 
+from polyculture.index.benchmarks import CHAMP, read_champ
+from polyculture.index.sources import SourceError, read_texts
+from polyculture.index.text import names_seed
 from polyculture.methods.base import Method
 from polyculture.spec import BuildSpec
+from polyculture.spec.build import EXEMPLARS_VARIABLE, template_variables
 
 # A top-up plan's column: JSON {attribute: value} of the field/extract attributes its prompts steer towards.
 HINTS_COLUMN = "hints"
@@ -34,6 +40,8 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
     user_template = env.from_string(spec.prompt.template)
     system_template = env.from_string(spec.prompt.system) if spec.prompt.system else None
     names = [a.name for a in spec.prompt_attributes]
+    pool = exemplar_texts(spec)
+    appended = pool is not None and EXEMPLARS_VARIABLE not in template_variables(spec.prompt)
     requests = []
     for cell in cells.iter_rows(named=True):
         values = {name: cell[name] for name in names}
@@ -41,8 +49,12 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
         hints = json.loads(cell.get(HINTS_COLUMN) or "{}")
         hint = hint_lines(spec, hints) if hints else ""
         for index in range(cell["n_prompts"]):
-            variables = {**values, "k": method.k, "index": index}
+            variables: dict[str, Any] = {**values, "k": method.k, "index": index}
+            if pool is not None:
+                variables[EXEMPLARS_VARIABLE] = sample_exemplars(spec, pool, cell["cell_key"], index)
             user = user_template.render(variables).strip()
+            if appended:
+                user = f"{user}\n{exemplar_block(variables[EXEMPLARS_VARIABLE])}"
             requests.append(
                 PromptRequest(
                     cell_id=cell["cell_id"],
@@ -54,6 +66,36 @@ def render_prompts(spec: BuildSpec, cells: pl.DataFrame, method: Method) -> list
                 )
             )
     return requests
+
+
+def exemplar_texts(spec: BuildSpec) -> list[str] | None:
+    """prompt.exemplars' source texts (distinct, in file order), or None when the spec has none."""
+    exemplars = spec.prompt.exemplars
+    if exemplars is None:
+        return None
+    if exemplars.source == CHAMP:
+        texts = list(read_champ().texts)
+    else:
+        located = spec.located_files.get("prompt.exemplars.source")
+        _, texts = read_texts(Path(str(located or exemplars.source)), exemplars.field)
+    distinct = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+    if not distinct:
+        raise SourceError(f"prompt.exemplars.source: '{exemplars.source}' holds no text in '{exemplars.field}'")
+    return distinct
+
+
+def sample_exemplars(spec: BuildSpec, pool: list[str], cell_key: str, prompt_index: int) -> list[str]:
+    """The examples of one prompt: drawn without replacement, seeded by the run's seed, the cell and the prompt's
+    index, so a re-rendered plan (resume) shows each prompt the same examples."""
+    assert spec.prompt.exemplars is not None
+    rng = random.Random(names_seed(str(spec.seed), EXEMPLARS_VARIABLE, cell_key, str(prompt_index)))
+    return rng.sample(pool, min(spec.prompt.exemplars.per_prompt, len(pool)))
+
+
+def exemplar_block(examples: list[str]) -> str:
+    """What a template that does not place the examples itself gets appended to its user message."""
+    lines = "\n".join(f"Example {i}: {text}" for i, text in enumerate(examples, 1))
+    return f"For inspiration only (write something new, not a copy or a rewording):\n{lines}"
 
 
 def generation_schema(spec: BuildSpec) -> dict[str, Any]:

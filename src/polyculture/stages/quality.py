@@ -15,7 +15,8 @@ quota and short cells are refilled by top-up rounds. Six kinds (spec.quality):
 Every check's score becomes the column `_quality_<name>` (null where the record could not be scored) and `_quality`
 says whether the record passed every check, gated or not (rebalancing prefers those). Scores are cached per (check,
 record id) in `known`: later rounds and a resumed run only score new records; pass or fail is decided again on each
-pass (a quantile moves as the pool grows).
+pass (a quantile moves as the pool grows). The checks that spend engine time per record (math_answer, judge) skip a
+record an earlier gate failed for good (not a quantile gate): list the cheap checks first.
 """
 
 from __future__ import annotations
@@ -127,8 +128,12 @@ def quality(
     counts = []
     spent: dict[str, tuple[int, float]] = {}  # check name -> (tokens, engine seconds) of this pass
     solve_rates: dict[str, float | None] = {}
+    settled = [False] * records.height  # failed a gate whose verdict no later pass can change
     for check in checks:
-        todo = [i for i, rid in enumerate(record_ids) if (check.name, rid) not in known]
+        # The engine-costly checks skip records an earlier gate has already failed for good: no solving or judging
+        # is spent on a record that cannot pass (it gets no score row for the check).
+        eligible = [i for i in range(records.height) if not (_costly(check) and settled[i])]
+        todo = [i for i in eligible if (check.name, record_ids[i]) not in known]
         if todo:
             if parsed is None and not (isinstance(check, FluencyCheck | ProseCheck) and check.field is None):
                 parsed = [_parse(raw) for raw in records["record_json"].to_list()]
@@ -142,20 +147,26 @@ def quality(
                 found = _score(check, records, parsed, todo, scorer, Path(base_dir))
             for i, outcome in zip(todo, found, strict=True):
                 known[(check.name, record_ids[i])] = outcome
-        outcomes = [known[(check.name, rid)] for rid in record_ids]
+        outcomes = [known[(check.name, record_ids[i])] for i in eligible]
         threshold = _threshold(check, outcomes)
         verdicts = [_judge(check, outcome, threshold) for outcome in outcomes]
-        columns[check.score_column] = [score for score, _, _ in outcomes]
+        score_of = {i: outcome[0] for i, outcome in zip(eligible, outcomes, strict=True)}
+        columns[check.score_column] = [score_of.get(i) for i in range(records.height)]
         if isinstance(check, MathAnswerCheck):
-            columns[SOLVE_RATE_COLUMN] = [known.get((solve_rate_key(check.name), rid), (None,))[0] for rid in record_ids]
-            solve_rates = dict(zip(record_ids, columns[SOLVE_RATE_COLUMN], strict=True))
-        for i, (ok, why) in enumerate(verdicts):
-            score = outcomes[i][0]
-            note = why if not ok else outcomes[i][2]  # a pass keeps what the check said (a judge's reason)
+            columns[SOLVE_RATE_COLUMN] = [
+                known.get((solve_rate_key(check.name), rid), (None,))[0] if i in score_of else None
+                for i, rid in enumerate(record_ids)
+            ]  # fmt: skip
+            solve_rates = {rid: r for i, (rid, r) in enumerate(zip(record_ids, columns[SOLVE_RATE_COLUMN], strict=True))
+                           if i in score_of}  # fmt: skip
+        for i, outcome, (ok, why) in zip(eligible, outcomes, verdicts, strict=True):
+            score = outcome[0]
+            note = why if not ok else outcome[2]  # a pass keeps what the check said (a judge's reason)
             score_rows.append({"record_id": record_ids[i], "check": check.name, "score": score, "passed": ok, "note": note})
             if not ok:
                 passed_all[i] = False
                 if check.gate:
+                    settled[i] = settled[i] or not _moving_threshold(check)
                     shown = "no score" if score is None else f"score {score:.4g}"
                     failures.setdefault(i, []).append(f"{check.name}: {why} ({shown})")
         counts.append(
@@ -285,6 +296,16 @@ def _score_alone(engine: Engine, text: str) -> float | str:
         return float(engine.sequence_logprobs(FLUENCY_CONVERSATION, [text], mean_per_token=True)[0])
     except EngineError as exc:
         return str(exc)
+
+
+def _costly(check: QualityCheck) -> bool:
+    """Checks that spend engine time per record (solutions, verdicts)."""
+    return isinstance(check, MathAnswerCheck | JudgeCheck)
+
+
+def _moving_threshold(check: QualityCheck) -> bool:
+    """A quantile threshold is resolved anew each pass over a growing pool: a record it fails now may pass later."""
+    return isinstance(check, FluencyCheck) and check.quantile is not None
 
 
 def _threshold(check: QualityCheck, outcomes: list[Outcome]) -> float | None:

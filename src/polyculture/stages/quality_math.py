@@ -20,10 +20,10 @@ The author's answer is read as LaTeX (in $...$: an equation stays an equation); 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from polyculture.engines.base import SamplingParams
@@ -35,15 +35,10 @@ if TYPE_CHECKING:
     from polyculture.engines.base import Conversation, Engine
 
 SOLVE_CHUNK = 16  # problems per engine call (x solves sequences)
-COMPARE_FUNCTION = "polyculture.stages.quality_math:compare_answers"
-_OVERLINE = "\\overline"  # a repeating decimal: math-verify 0.9.0 drops the bar, so 1.\overline{72} equals 1
-# Markdown bold: `**` that opens after no word character or closing bracket and closes before none, around no space at
-# either edge. `**73**` and `**x = 3**` are bold; `2**3 + 2**2` (a power, which a looser pattern read as `23 + 22`) and
-# `2 ** 3 ** 2` are not.
-_BOLD = re.compile(r"(?<![\w)\]}])\*\*(?=[^\s*])([^*\n]*?[^\s*])\*\*(?![\w(\[{])")
-# An author's answer that is a number and a unit word ("12 dollars", "12 cm^2", "1,000 people"): in $...$ LaTeX reads
-# the word as a product of symbols (12*a*do*l*l*r*s), never equal to a solution's 12; the number alone is compared.
-_NUMBER_AND_UNIT = re.compile(r"^\$?(-?\d[\d,]*(?:\.\d+)?)\s+(?!(?:and|or)\b)[A-Za-z]{2,}[A-Za-z\s/^\d.]*$")
+# In its own module so the workers import math-verify (seconds) at start-up, before any record is timed.
+COMPARE_FUNCTION = "polyculture.stages.quality_math_compare:compare_answers"
+# A number as a problem writes it: 12, -3, 1,000, 2.5, 3/4 (a fraction only when no space splits it).
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
 @dataclass(frozen=True)
@@ -62,17 +57,45 @@ def math_outcomes(
 ) -> Solved:
     """Solve each record's problem again and compare the answers with the author's."""
     problems = [r.get(check.problem_field) for r in records]
-    askable = [i for i, p in enumerate(problems) if isinstance(p, str) and p.strip()]
+    answers = [r.get(check.answer_field) for r in records]
+    stated = {
+        i for i, (p, a) in enumerate(zip(problems, answers, strict=True))
+        if not check.answer_in_problem and isinstance(p, str) and states_answer(p, a)
+    }  # fmt: skip
+    askable = [i for i, p in enumerate(problems) if isinstance(p, str) and p.strip() and i not in stated]
     solutions, tokens, seconds = solve([problems[i] for i in askable], [record_ids[i] for i in askable], check, engine)
     compared = compare_solutions([records[i].get(check.answer_field) for i in askable], solutions, check)
     by_index = dict(zip(askable, compared, strict=True))
     outcomes: list[Outcome] = []
     rates: list[float | None] = []
     for i in range(len(records)):
-        outcome, rate = by_index.get(i, ((None, False, f"{check.problem_field} is empty or not text"), None))
+        unasked = (
+            f"the problem states its own answer {str(answers[i]).strip()!r} (answer_in_problem: false)"
+            if i in stated
+            else f"{check.problem_field} is empty or not text"
+        )
+        outcome, rate = by_index.get(i, ((None, False, unasked), None))
         outcomes.append(outcome)
         rates.append(rate)
     return Solved(outcomes, rates, tokens, seconds)
+
+
+def states_answer(problem: str, answer: Any) -> bool:
+    """Whether `problem` holds a number equal to the author's `answer` (8.00 and 8, 3/4 and 0.75 are equal); an
+    answer written as one digit is not looked for (it occurs in problems by chance), nor one that is not a number."""
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or re.fullmatch(r"\s*\$?-?\d\$?\s*", answer):
+        return False
+    value = _number(answer.strip().strip("$").replace(",", ""))
+    return value is not None and any(_number(t.replace(",", "")) == value for t in _NUMBER.findall(problem))
+
+
+def _number(text: str) -> Fraction | None:
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def solve_conversation(problem: str, check: MathAnswerCheck) -> Conversation:
@@ -128,7 +151,12 @@ def compare_solutions(
 
 def _verdict(check: MathAnswerCheck, agreement: float, rate: float, found: dict[str, Any]) -> tuple[bool, str | None]:
     n = check.solves
-    shown = f"majority answer {found['majority']!r} ({round(agreement * n)}/{n} solutions), solve rate {rate:.2f}"
+    agreeing = round(agreement * n)
+    shown = (
+        f"majority answer {found['majority']!r} ({agreeing}/{n} solutions), solve rate {rate:.2f}"
+        if agreeing > 1
+        else f"no two of the {n} solutions agree (first answer {found['majority']!r}), solve rate {rate:.2f}"
+    )
     if found.get("problem"):
         return False, found["problem"]
     if not found["author_is_majority"]:
@@ -147,66 +175,6 @@ def _read_note(note: str | None) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return found if isinstance(found, dict) else None
-
-
-def unbold(text: str) -> str:
-    """`text` with Markdown bold unwrapped (`**73**` -> `73`), powers (`2**3`) kept."""
-    return _BOLD.sub(r"\1", text)
-
-
-def compare_answers(record: dict[str, Any]) -> tuple[float, str]:
-    """Runs in a worker: (agreement, JSON of what was found) for one problem's author answer and solutions."""
-    from math_verify import parse, verify
-
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": the pool's timer is the limit
-
-    def parsed(text: str) -> list[Any]:
-        if _OVERLINE in text:  # math-verify 0.9.0 drops \overline: 1.\overline{72} would equal 1
-            return []
-        return parse(unbold(text), parsing_timeout=None)  # type: ignore[arg-type]
-
-    def same(gold: list[Any], target: list[Any]) -> bool:
-        return bool(verify(gold, target, timeout_seconds=None))
-
-    answer = record.get("answer")
-    solves = int(record["solves"])
-    if isinstance(answer, int | float) and not isinstance(answer, bool):
-        answer = str(answer)
-    found: dict[str, Any] = {"author": answer, "majority": None, "solve_rate": 0.0, "author_is_majority": False}
-    if not isinstance(answer, str) or not answer.strip():
-        found["problem"] = "the author's answer is empty or not text"
-        return 0.0, json.dumps(found)
-    if _OVERLINE in answer:
-        found["problem"] = (
-            f"the author's answer {answer!r} uses \\overline, which math-verify drops (1.\\overline{{72}} = 1)"
-        )
-        return 0.0, json.dumps(found)
-    unit = _NUMBER_AND_UNIT.match(answer.strip())
-    bare = unit.group(1) if unit else answer.strip().strip("$")
-    gold = parsed(f"${bare}$") or parsed(answer)
-    if not gold:
-        found["problem"] = f"the author's answer {answer!r} does not parse as math"
-        return 0.0, json.dumps(found)
-    answers = [parsed(text) for text in record["solutions"]]
-    groups: list[list[int]] = []  # indices of equivalent answers; the first member is the group's gold
-    for i, target in enumerate(answers):
-        if not target:
-            continue
-        home = next((g for g in groups if same(answers[g[0]], target)), None)
-        if home is None:
-            groups.append([i])
-        else:
-            home.append(i)
-    solved = sum(1 for target in answers if target and same(gold, target))
-    found["solve_rate"] = solved / solves
-    found["unparsed"] = sum(1 for target in answers if not target)
-    if not groups:
-        found["problem"] = f"no solution gave an answer math-verify reads (none boxed or parseable; {solves} tried)"
-        return 0.0, json.dumps(found)
-    majority = max(groups, key=len)  # the first of the largest: a tie goes to the answer given first
-    found["majority"] = str(answers[majority[0]][-1])
-    found["author_is_majority"] = same(gold, answers[majority[0]])
-    return len(majority) / solves, json.dumps(found)
 
 
 def solve_seed(check_name: str, record_ids: list[str]) -> int:

@@ -63,6 +63,16 @@ def round_row(round_no: int, cells: pl.DataFrame, new: pl.DataFrame, pool: Pool)
         "final": pool.balanced.kept.height,
         "short_cells": balanced_cells.filter(pl.col("deficit") > 0).height if balanced_cells.height else 0,
         "missing": int(balanced_cells["deficit"].sum()) if balanced_cells.height else 0,
+        **(_quality_cost(pool.quality.counts) if pool.quality is not None else {}),
+    }
+
+
+def _quality_cost(counts: Sequence[Any]) -> dict[str, Any]:
+    """Engine tokens and seconds the round's quality pass spent scoring: math_answer's solutions (the other checks
+    do not count theirs yet). Records scored in an earlier round or run are cached and cost nothing."""
+    return {
+        "quality_tokens": int(sum(c.tokens for c in counts)),
+        "quality_seconds": round(float(sum(c.seconds for c in counts)), 2),
     }
 
 
@@ -125,6 +135,16 @@ def build_usage(
         "engine_load_seconds": round(max(loads, default=0.0), 2),
         "workers": shard_runs["worker"].n_unique() if shard_runs.height else 0,
         "engine_loads": sum(1 for seconds in loads if seconds > 0),
+        **_summed_quality_cost(rounds),
+    }
+
+
+def _summed_quality_cost(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if not any("quality_tokens" in r for r in rounds):
+        return {}
+    return {
+        "quality_tokens": sum(int(r.get("quality_tokens") or 0) for r in rounds),
+        "quality_seconds": round(sum(float(r.get("quality_seconds") or 0.0) for r in rounds), 2),
     }
 
 
