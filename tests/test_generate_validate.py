@@ -11,7 +11,7 @@ from conftest import small_spec_dict
 from polyculture.engines.factory import create_engine
 from polyculture.methods import get_method
 from polyculture.preflight import parse_spec
-from polyculture.stages.generate import generate
+from polyculture.stages.generate import generate, plan_calls, plan_shards
 from polyculture.stages.plan import plan
 from polyculture.stages.prompts import generation_schema, render_prompts
 from polyculture.stages.validate import validate
@@ -117,6 +117,41 @@ def test_generate_writes_shards_and_resumes(spec_dir, tmp_path, engine):
 
     again = generate(spec, cells, Refusing(), method, tmp_path / "shards")  # type: ignore[arg-type]
     assert again.equals(completions)
+
+
+def test_shards_joined_into_engine_calls_resume_to_the_completions_of_an_uninterrupted_run(spec_dir, tmp_path, engine):
+    # One prompt per shard, 3 prompts (6 sequences) per engine call: the call is the unit of sampling, the shard of resume.
+    spec = parse_spec(
+        small_spec_dict(sampling={"max_tokens": 40, "n": 2}, model={"batch_size": 1, "sequences_per_call": 6}),
+        spec_dir,
+    )
+    cells, method = plan(spec), get_method("direct")
+    shards = plan_shards(spec, cells, method, tmp_path / "a")
+    calls = plan_calls(spec, shards)
+    assert len(shards) >= 4, "needs a second call"
+    assert [[s.index for s in call] for call in calls] == [list(range(i, min(i + 3, len(shards))))
+                                                          for i in range(0, len(shards), 3)]  # fmt: skip
+    recording = _Recording(engine)
+    straight = generate(spec, cells, recording, method, tmp_path / "a")  # type: ignore[arg-type]
+    assert [len(conversations) for conversations, _, _ in recording.calls] == [len(c) for c in calls]
+    # each call samples from its first shard's seed; the shards' rows come back split, each in its own file
+    assert [p.seed for _, p, _ in recording.calls] == [call[0].seeds[0] for call in calls]
+    assert sorted(straight["shard"].unique().to_list()) == [s.index for s in shards]
+
+    # A crash after the first call's shard 0 was written and before shards 1 and 2 were: resume runs that whole call
+    # again (and nothing else), writes the missing shards, leaves shard 0 alone, and ends with the same completions.
+    folder = tmp_path / "a"
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    for index in (1, 2):
+        (folder / f"shard-{index:05d}.parquet").unlink()
+    recording.calls.clear()
+    resumed = generate(spec, cells, recording, method, folder)  # type: ignore[arg-type]
+    assert [len(conversations) for conversations, _, _ in recording.calls] == [3]
+    assert resumed.drop("batch_seconds").equals(straight.drop("batch_seconds"))  # all but the timing
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    assert {name: after[name] for name in kept if name not in ("shard-00001.parquet", "shard-00002.parquet")} == {
+        name: mtime for name, mtime in kept.items() if name not in ("shard-00001.parquet", "shard-00002.parquet")
+    }
 
 
 # --- selection and turns in validate (hand-made completions) --------------------------------------------------------

@@ -38,6 +38,14 @@ def test_fingerprint_is_stable_and_sensitive(spec_dir):
     assert a.fingerprint() != parse_spec(small_spec_dict(seed=4), spec_dir).fingerprint()
 
 
+def test_sequences_per_call_is_part_of_the_output_and_unset_keeps_older_fingerprints(spec_dir):
+    plain = parse_spec(small_spec_dict(), spec_dir)
+    joined = parse_spec(small_spec_dict(model={"sequences_per_call": 64}), spec_dir)
+    # which shards share an engine call decides a seeded run's samples; unset hashes as before the field existed
+    assert joined.fingerprint() != plain.fingerprint()
+    assert "model.sequences_per_call" in _refused(spec_dir, small_spec_dict(model={"sequences_per_call": 0}))
+
+
 def _refused(spec_dir, data) -> str:
     with pytest.raises(SpecError) as info:
         parse_spec(data, spec_dir)

@@ -1,5 +1,6 @@
-"""Generation shards as Prefect tasks: a ShardRunner that submits each shard to the build's task runner (threads,
-Dask or Ray), where a worker loads its engine once and keeps it for every shard it runs.
+"""Generation shards as Prefect tasks: a ShardRunner that submits each engine call (consecutive shards sampled
+together: stages.generate.plan_calls) to the build's task runner (threads, Dask or Ray), where a worker loads its
+engine once and keeps it for every call it runs.
 
 When a shard fails, the loop stops and the build with it; shards of that loop still waiting for this process's engine
 then give up at once instead of each spending its own retries and timeouts on a server already known to fail (with
@@ -20,14 +21,15 @@ from prefect.task_runners import TaskRunner
 from polyculture.flows.common import shared_engine
 from polyculture.methods import get_method
 from polyculture.spec import BuildSpec
-from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shard, this_worker
+from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shards, shard_runs
 
 _stopped_loops: set[str] = set()  # shard loops of this process that ended (a failure, or all done)
 
 
 @task(name="generate-shard", cache_policy=NONE)
-def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> ShardRun | None:
-    """One shard, on whichever worker the runner picks; None when its loop stopped before the engine was free."""
+def generate_shard_task(spec: BuildSpec, shards: list[Shard], loop_id: str = "") -> list[ShardRun] | None:
+    """One engine call's shards, on whichever worker the runner picks; None when its loop stopped before the engine
+    was free."""
     started = time.perf_counter()
     if loop_id in _stopped_loops:
         return None
@@ -36,32 +38,29 @@ def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> Sha
         if loop_id in _stopped_loops:
             return None
         try:
-            frame = run_shard(spec, shard, shared.engine, get_method(spec.method))
+            frames = run_shards(spec, shards, shared.engine, get_method(spec.method))
         except BaseException:
             _stopped_loops.add(loop_id)  # before the lock goes: the next shard waiting for it must not start
             raise
-    return ShardRun(
-        completions=frame,
-        worker=this_worker(),
-        engine_load_seconds=shared.load_seconds if loaded else 0.0,
-        seconds=time.perf_counter() - started,
-    )
+    load = shared.load_seconds if loaded else 0.0
+    return [ran for _, ran in shard_runs(shards, frames, time.perf_counter() - started, load)]
 
 
 def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
-    """A ShardRunner that submits every shard at once to `task_runner` and yields them as they complete."""
+    """A ShardRunner that submits every engine call at once to `task_runner` and yields each call's shards as it
+    completes."""
 
-    def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
+    def run(calls: list[list[Shard]]) -> Iterator[tuple[Shard, ShardRun]]:
         loop_id = uuid.uuid4().hex
         futures = {
-            task_runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s, "loop_id": loop_id}): s
-            for s in shards
+            task_runner.submit(generate_shard_task, parameters={"spec": spec, "shards": c, "loop_id": loop_id}): c
+            for c in calls
         }
         try:
             for future in as_completed(list(futures)):
-                ran = future.result()
-                if ran is not None:  # None: a shard of this loop failed first, and the build fails with it
-                    yield futures[future], ran
+                runs = future.result()
+                if runs is not None:  # None: a call of this loop failed first, and the build fails with it
+                    yield from zip(futures[future], runs, strict=True)
         finally:
             _stopped_loops.add(loop_id)
 

@@ -205,7 +205,8 @@ class BuildSpec(_Strict):
         # The runner decides where shards run, not what they hold: a run resumes under any runner.
         # A section left out hashes as before the section existed: runs started then still resume.
         unset = {**({"quality": True} if not self.quality else {}),
-                 **({"decontaminate": True} if self.decontaminate is None else {})}  # fmt: skip
+                 **({"decontaminate": True} if self.decontaminate is None else {}),
+                 **({"model": {"sequences_per_call"}} if self.model.sequences_per_call is None else {})}  # fmt: skip
         if paths_as_written:
             spec = self.model_dump(mode="json", by_alias=True, exclude={"runner": True, **unset})
         else:

