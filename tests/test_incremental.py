@@ -26,6 +26,7 @@ WORKS = [
     "restored church organs across three provinces",
 ]
 LEAK = "The quick brown fox jumps over the lazy dog near the old river bank at dawn."
+LADDER = "A ladder 13 metres long leans against a vertical wall with its foot 5 metres from the wall."
 
 
 def _completions(bios: list[str | None], round_no: int) -> pl.DataFrame:
@@ -45,14 +46,17 @@ def _completions(bios: list[str | None], round_no: int) -> pl.DataFrame:
 
 
 def _pools(spec_dir, prefect_server, private_cache):
-    (spec_dir / "quiz.jsonl").write_text(json.dumps({"text": LEAK}) + "\n")
+    (spec_dir / "quiz.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (LEAK, LADDER)))
     spec = parse_spec(
         small_spec_dict(
             target_size=24,
             dedup={"threshold": 0.9},
             decontaminate={"benchmarks": [{"path": "quiz.jsonl", "name": "quiz"}]},
             # prose gates; "long" only scores, so rebalancing has passing and failing records to order
-            quality=[{"kind": "prose", "name": "prose"}, {"kind": "prose", "name": "long", "min_words": 12, "gate": False}],
+            quality=[
+                {"kind": "prose", "name": "prose"},
+                {"kind": "prose", "name": "long", "min_words": 12, "gate": False},
+            ],
         ),
         spec_dir,
     )
@@ -61,7 +65,7 @@ def _pools(spec_dir, prefect_server, private_cache):
     first = [*s[:20], s[0].upper(), near(s[1]), "1 2 3 4 5 6 7 8 9 10 11 12", None, LEAK]
     # Round 1: copies of a kept record, of a record dropped as a near duplicate (one hop to what represents it) and
     # of a record in a benchmark; near copies of an earlier record and of a new one; a copy inside the round.
-    later = [*s[20:34], s[2], near(s[1]), near(s[3]), near(s[20]), s[21], "x y z 1 2 3 4 5 6 7 8 9", None, "At dawn " + LEAK[:-1] + ", and runs off."]
+    later = [*s[20:34], s[2], near(s[1]), near(s[3]), near(s[20]), s[21], "x y z 1 2 3 4 5 6 7 8 9", None, LADDER]
     round0, round1 = _completions(first, 0), _completions(later, 1)
     benchmarks = load_benchmarks(spec.decontaminate, spec.base_dir)
 
