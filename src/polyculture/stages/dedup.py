@@ -36,6 +36,9 @@ KeepPolicy = Literal["first", "probability", "central"]
 # Queries per FAISS search call: HNSW's range search aborts the process on large query sets, and chunking also
 # bounds the memory of one result set.
 QUERY_CHUNK = 1024
+# dedup_more searches a round's new rows against the kept rows exactly (flat) up to this many pairs: 5k x 100k took
+# ~2 s on 2 cores (bench/top_up_incremental.py), where an IVF index would be trained again every round.
+FLAT_PAIRS = 2_000_000_000
 
 @dataclass(frozen=True)
 class DedupResult:
@@ -345,6 +348,8 @@ def dedup_more(
     m = survivors.size
     if m:
         plan = choose_index(len(kept_ids) + m, kind=settings.index, device=settings.device)
+        if settings.index == "auto" and plan.kind != "flat" and plan.device == "cpu" and m * len(kept_ids) <= FLAT_PAIRS:
+            plan = choose_index(0, kind="flat", device="cpu")  # few new rows: exact, and no IVF training per round
         old_hits = None
         if kept_ids:
             kept_index = SimilarityIndex.build(kept_vectors, plan)
