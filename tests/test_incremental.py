@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 from conftest import small_spec_dict
 
 from polyculture.flows.build_dataset import _process, _process_more
 from polyculture.preflight import parse_spec
+from polyculture.spec import DedupSpec
 from polyculture.stages.decontaminate import load_benchmarks
+from polyculture.stages.dedup import dedup, dedup_more
 from polyculture.stages.summary import all_rejects
 
 NAMES = ["Amara", "Bjorn", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena", "Mateo"]
@@ -107,3 +110,47 @@ def test_an_incremental_round_equals_the_full_recomputation(spec_dir, prefect_se
     assert {"decontaminate", "quality", "parse"} <= set(new_rejects["stage"].to_list())
     assert scored_after_first == 2 * pool0.deduped.kept.height - 2 * pool0.decontaminated.rejects.height
     assert scored == 2 * (more.decontaminated.kept.height)
+
+
+def _records(texts: list[str]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"record_id": [f"r{i}" for i in range(len(texts))], "call_id": [f"c{i}" for i in range(len(texts))],
+         "text": texts}
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dedup_more_equals_dedup_over_the_whole_pool(seed):
+    """Many planted chains of near and exact copies across the round boundary, on seeded vectors (FAISS flat)."""
+    rng = np.random.default_rng(seed)
+    n, split = 600, 380
+    vectors = rng.standard_normal((n, 24)).astype(np.float32)
+    texts = [f"text {i}" for i in range(n)]
+    for i in rng.choice(np.arange(20, n), 200, replace=False):  # a copy of an earlier row, near or exact
+        j = int(rng.integers(0, i))
+        if rng.random() < 0.3:
+            vectors[i], texts[i] = vectors[j], texts[j].upper()
+        else:
+            vectors[i] = vectors[j] + rng.normal(0, rng.choice([0.1, 0.45, 0.55]), 24)
+    settings = DedupSpec(threshold=0.9)
+    records = _records(texts)
+    full = dedup(records, vectors, settings)
+    earlier = dedup(records.head(split), vectors[:split], settings)
+    more = dedup_more(earlier, records.head(split), records.slice(split), vectors[split:], settings)
+    assert set(full.rejects["reason"]) == {"exact_duplicate", "near_duplicate"}
+    assert more.kept["record_id"].to_list() == full.kept["record_id"].to_list()
+    assert more.rejects.equals(full.rejects)
+    assert more.clusters.drop("similarity").equals(full.clusters.drop("similarity"))
+    np.testing.assert_allclose(
+        more.clusters["similarity"].to_numpy(), full.clusters["similarity"].to_numpy(), atol=1e-5
+    )
+    np.testing.assert_array_equal(more.kept_embeddings, full.kept_embeddings)
+
+
+def test_dedup_more_refuses_a_keep_policy_that_reranks_earlier_records():
+    records = _records(["a text", "another"])
+    vectors = np.eye(2, 8, dtype=np.float32)
+    settings = DedupSpec(keep="probability")
+    earlier = dedup(records.head(1), vectors[:1], settings)
+    with pytest.raises(ValueError, match="dedup.keep 'probability'"):
+        dedup_more(earlier, records.head(1), records.slice(1), vectors[1:], settings)
