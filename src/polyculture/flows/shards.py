@@ -1,6 +1,10 @@
 """Generation shards as Prefect tasks: a ShardRunner that submits each shard to the build's task runner (threads,
 Dask or Ray), where a worker loads its engine once and keeps it for every shard it runs.
 
+A worker also embeds its shard's candidate texts (its embedder loaded once, like the engine), after the engine is
+free for the next shard, and returns the vectors by text key with the completions; the loop puts them in the flow's
+embedder cache, so the flow's embed stage only looks them up (with threads it is the same embedder: a no-op).
+
 When a shard fails, the loop stops and the build with it; shards of that loop still waiting for this process's engine
 then give up at once instead of each spending its own retries and timeouts on a server already known to fail (with
 threads, the task runner waits for every started task before the build can exit).
@@ -11,7 +15,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
+import polars as pl
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
@@ -20,9 +27,27 @@ from prefect.task_runners import TaskRunner
 from polyculture.flows.common import shared_engine
 from polyculture.methods import get_method
 from polyculture.spec import BuildSpec
+from polyculture.stages.embed import load_embedder, text_key
 from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shard, this_worker
+from polyculture.stages.validate import validate
 
 _stopped_loops: set[str] = set()  # shard loops of this process that ended (a failure, or all done)
+
+
+@dataclass(frozen=True)
+class EmbeddedShardRun(ShardRun):
+    """A ShardRun with the embeddings of its valid candidates' texts: `keys` (text_key of each text) and `vectors`."""
+
+    keys: tuple[bytes, ...] = ()
+    vectors: np.ndarray | None = None
+
+
+def embed_shard(spec: BuildSpec, completions: pl.DataFrame) -> tuple[tuple[bytes, ...], np.ndarray]:
+    """The texts the flow will embed for these completions (validate is per completion: the same records), embedded
+    here by the build's embedder."""
+    texts = list(dict.fromkeys(validate(completions, spec, get_method(spec.method)).records["text"].to_list()))
+    vectors = load_embedder(spec.dedup.embedding_model, spec.base_dir).encode(texts)
+    return tuple(text_key(t) for t in texts), vectors
 
 
 @task(name="generate-shard", cache_policy=NONE)
@@ -40,11 +65,14 @@ def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> Sha
         except BaseException:
             _stopped_loops.add(loop_id)  # before the lock goes: the next shard waiting for it must not start
             raise
-    return ShardRun(
+    keys, vectors = embed_shard(spec, frame)  # the engine is free: the next shard generates meanwhile
+    return EmbeddedShardRun(
         completions=frame,
         worker=this_worker(),
         engine_load_seconds=shared.load_seconds if loaded else 0.0,
         seconds=time.perf_counter() - started,
+        keys=keys,
+        vectors=vectors,
     )
 
 
@@ -53,6 +81,7 @@ def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
 
     def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
         loop_id = uuid.uuid4().hex
+        embedder = load_embedder(spec.dedup.embedding_model, spec.base_dir)
         futures = {
             task_runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s, "loop_id": loop_id}): s
             for s in shards
@@ -61,6 +90,8 @@ def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
             for future in as_completed(list(futures)):
                 ran = future.result()
                 if ran is not None:  # None: a shard of this loop failed first, and the build fails with it
+                    if isinstance(ran, EmbeddedShardRun) and ran.vectors is not None:
+                        embedder.remember(ran.keys, ran.vectors)
                     yield futures[future], ran
         finally:
             _stopped_loops.add(loop_id)
