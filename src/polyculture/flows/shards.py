@@ -1,9 +1,10 @@
 """Generation shards as Prefect tasks: a ShardRunner that submits each shard to the build's task runner (threads,
 Dask or Ray), where a worker loads its engine once and keeps it for every shard it runs.
 
-A worker also embeds its shard's candidate texts (its embedder loaded once, like the engine), after the engine is
-free for the next shard, and returns the vectors by text key with the completions; the loop puts them in the flow's
-embedder cache, so the flow's embed stage only looks them up (with threads it is the same embedder: a no-op).
+A worker process (Dask, Ray) also embeds its shard's candidate texts (its embedder loaded once, like the engine),
+after the engine is free for the next shard, and returns the vectors by text key with the completions; the loop puts
+them in the flow's embedder cache, so the flow's embed stage only looks them up. Shards on threads of the flow's own
+process leave embedding to the flow: torch in two threads at once oversubscribes the cores (STACK.md).
 
 When a shard fails, the loop stops and the build with it; shards of that loop still waiting for this process's engine
 then give up at once instead of each spending its own retries and timeouts on a server already known to fail (with
@@ -51,7 +52,7 @@ def embed_shard(spec: BuildSpec, completions: pl.DataFrame) -> tuple[tuple[bytes
 
 
 @task(name="generate-shard", cache_policy=NONE)
-def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> ShardRun | None:
+def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "", driver: str = "") -> ShardRun | None:
     """One shard, on whichever worker the runner picks; None when its loop stopped before the engine was free."""
     started = time.perf_counter()
     if loop_id in _stopped_loops:
@@ -65,25 +66,22 @@ def generate_shard_task(spec: BuildSpec, shard: Shard, loop_id: str = "") -> Sha
         except BaseException:
             _stopped_loops.add(loop_id)  # before the lock goes: the next shard waiting for it must not start
             raise
+    run = ShardRun(frame, this_worker(), shared.load_seconds if loaded else 0.0, time.perf_counter() - started)
+    if run.worker == driver:
+        return run
     keys, vectors = embed_shard(spec, frame)  # the engine is free: the next shard generates meanwhile
-    return EmbeddedShardRun(
-        completions=frame,
-        worker=this_worker(),
-        engine_load_seconds=shared.load_seconds if loaded else 0.0,
-        seconds=time.perf_counter() - started,
-        keys=keys,
-        vectors=vectors,
-    )
+    return EmbeddedShardRun(**vars(run), keys=keys, vectors=vectors)
 
 
 def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
     """A ShardRunner that submits every shard at once to `task_runner` and yields them as they complete."""
 
     def run(shards: list[Shard]) -> Iterator[tuple[Shard, ShardRun]]:
-        loop_id = uuid.uuid4().hex
-        embedder = load_embedder(spec.dedup.embedding_model, spec.base_dir)
+        loop_id, driver = uuid.uuid4().hex, this_worker()
         futures = {
-            task_runner.submit(generate_shard_task, parameters={"spec": spec, "shard": s, "loop_id": loop_id}): s
+            task_runner.submit(
+                generate_shard_task, parameters={"spec": spec, "shard": s, "loop_id": loop_id, "driver": driver}
+            ): s
             for s in shards
         }
         try:
@@ -91,7 +89,7 @@ def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
                 ran = future.result()
                 if ran is not None:  # None: a shard of this loop failed first, and the build fails with it
                     if isinstance(ran, EmbeddedShardRun) and ran.vectors is not None:
-                        embedder.remember(ran.keys, ran.vectors)
+                        load_embedder(spec.dedup.embedding_model, spec.base_dir).remember(ran.keys, ran.vectors)
                     yield futures[future], ran
         finally:
             _stopped_loops.add(loop_id)
