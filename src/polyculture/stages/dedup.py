@@ -36,8 +36,9 @@ KeepPolicy = Literal["first", "probability", "central"]
 # Queries per FAISS search call: HNSW's range search aborts the process on large query sets, and chunking also
 # bounds the memory of one result set.
 QUERY_CHUNK = 1024
-# dedup_more searches a round's new rows against the kept rows exactly (flat) up to this many pairs: 5k x 100k took
-# ~2 s on 2 cores (bench/top_up_incremental.py), where an IVF index would be trained again every round.
+# dedup_more searches a round's new rows against the kept rows exactly (flat) up to this many pairs, where an IVF
+# index would be trained again every round: 5k x 99k took 21 s on 2 busy cores (bench/top_up_incremental.py), the
+# whole pass's IVF dedup of 105k rows 127 s.
 FLAT_PAIRS = 2_000_000_000
 
 @dataclass(frozen=True)
