@@ -37,7 +37,7 @@ KeepPolicy = Literal["first", "probability", "central"]
 # bounds the memory of one result set.
 QUERY_CHUNK = 1024
 # dedup_more searches a round's new rows against the kept rows exactly (flat) up to this many pairs, where an IVF
-# index would be trained again every round: 5k x 99k took 21 s on 2 busy cores (bench/top_up_incremental.py), the
+# index would be trained again every round: 5k x 100k took 21 s on 2 busy cores (bench/top_up_incremental.py), the
 # whole pass's IVF dedup of 105k rows 127 s.
 FLAT_PAIRS = 2_000_000_000
 
