@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SMALL_SCHEMA
 
 from polyculture.engines.model_files import ModelUnavailable
 from polyculture.stages import embed
@@ -115,3 +116,40 @@ def test_load_embedder_is_cached_per_name(embedder):
 def test_unknown_model_refused():
     with pytest.raises(ModelUnavailable, match="no-such-embedder"):
         load_embedder("no-such-embedder")
+
+
+def test_vectors_from_a_worker_are_looked_up_here_and_on_disk(embedder, calls, private_cache):
+    """What a shard worker embedded (flows.shards.embed_shard: the texts validate will give the flow) is taken into
+    the flow's cache by text key: the flow's encode is a lookup, and a new process finds them on disk."""
+    import json
+
+    import polars as pl
+    from conftest import small_spec_dict
+
+    from polyculture.flows.shards import embed_shard
+    from polyculture.preflight import parse_spec
+    from polyculture.stages.embed import text_key
+
+    spec_dir = private_cache.parent
+    (spec_dir / "record.schema.json").write_text(json.dumps(SMALL_SCHEMA))
+    spec = parse_spec(small_spec_dict(), spec_dir)
+    bios = ["A doctor who sailed alone around Cape Horn twice.", "A farmer breeding frost-proof lemons in Riga."]
+    completions = pl.DataFrame(
+        {"call_id": ["c0-p0-s0", "c0-p1-s0", "c0-p2-s0"], "cell_id": [0, 0, 0], "cell_key": ["occupation=doctor"] * 3,
+         "occupation": ["doctor"] * 3, "prompt_index": [0, 1, 2], "sample_index": [0, 0, 0], "turn": [0, 0, 0],
+         "completion": [json.dumps({"name": "Ann", "birth_year": 1950, "bio": b}) for b in bios] + ["no json"],
+         "finish_reason": ["stop"] * 3, "method": ["direct"] * 3, "model": ["m"] * 3}
+    )  # fmt: skip
+    keys, vectors = embed_shard(spec, completions)
+    assert keys == tuple(text_key(b) for b in bios)  # the unparseable answer has no text
+    np.testing.assert_allclose(vectors, embedder.encode(bios), atol=1e-6)
+
+    # A vector this process never computed (as from a worker elsewhere) is what encode returns, without the model.
+    other = np.eye(2, embedder.dimension, dtype=np.float32)
+    texts = ["only a worker embedded this", "and this"]
+    calls.clear()
+    assert embedder.remember([text_key(t) for t in texts], other) == 2
+    np.testing.assert_array_equal(embedder.encode(texts), other)
+    assert calls == []
+    assert embedder.remember([text_key(t) for t in texts], other) == 0  # already here: nothing written again
+    np.testing.assert_array_equal(Embedder("minilm-l6").encode(texts), other)  # a new process reads the disk

@@ -54,8 +54,13 @@ from polyculture.runs.files import (
 from polyculture.runs.folders import RESULT_FILE, hold_build_run
 from polyculture.runs.resolved import write_run_spec
 from polyculture.spec import BuildSpec, DecontaminateSpec, RunnerSpec
-from polyculture.stages.decontaminate import DecontaminationResult, decontaminate, load_benchmarks
-from polyculture.stages.dedup import DedupResult, dedup
+from polyculture.stages.decontaminate import (
+    DecontaminationResult,
+    decontaminate,
+    load_benchmarks,
+    merge_decontamination,
+)
+from polyculture.stages.dedup import DedupResult, dedup, dedup_more, extends
 from polyculture.stages.embed import load_embedder
 from polyculture.stages.extract import ExtractResult, extract_attributes
 from polyculture.stages.generate import GeneratedRound, generate_round
@@ -128,6 +133,18 @@ def dedup_task(
     return dedup(records, embeddings, spec.dedup, references)
 
 
+@task(name="dedup", cache_policy=NONE)
+def dedup_more_task(
+    spec: BuildSpec,
+    previous: DedupResult,
+    previous_records: pl.DataFrame,
+    records: pl.DataFrame,
+    embeddings: np.ndarray,
+    references: list[ReleaseIndex],
+) -> DedupResult:
+    return dedup_more(previous, previous_records, records, embeddings, spec.dedup, references)
+
+
 @task(name="decontaminate", cache_policy=NONE)
 def decontaminate_task(
     spec: BuildSpec,
@@ -183,17 +200,68 @@ def _process(
     benchmarks: list[Benchmark],
 ) -> Pool:
     """One pass over everything generated so far: validate -> embed -> dedup -> decontaminate -> quality -> extract ->
-    rebalance (every round checks the whole pool again: the new records, and the earlier ones at no cost but a
-    lookup)."""
+    rebalance."""
     validated = validate_task(spec, completions)
-    records = validated.records
-    progress.report("validate", 1, 1, f"{records.height} valid, {validated.rejects.height} rejected")
-    embeddings = embed_task(spec, records["text"].to_list())
-    deduped = dedup_task(spec, records, embeddings, references)
-    progress.report("dedup", 1, 1, f"{deduped.kept.height} unique of {records.height}")
-    kept, kept_embeddings, clean = deduped.kept, deduped.kept_embeddings, None
+    progress.report("validate", 1, 1, f"{validated.records.height} valid, {validated.rejects.height} rejected")
+    embeddings = embed_task(spec, validated.records["text"].to_list())
+    deduped = dedup_task(spec, validated.records, embeddings, references)
+    clean = None
     if spec.decontaminate is not None:
-        clean = decontaminate_task(spec, spec.decontaminate, kept, kept_embeddings, benchmarks)
+        clean = decontaminate_task(spec, spec.decontaminate, deduped.kept, deduped.kept_embeddings, benchmarks)
+    return _finish(spec, completions, validated, embeddings, deduped, clean, engine, known, scores)
+
+
+def _process_more(
+    spec: BuildSpec,
+    pool: Pool,
+    new: pl.DataFrame,
+    engine: Engine | None,
+    references: list[ReleaseIndex],
+    known: ExtractedLabels,
+    scores: ScoreCache,
+    benchmarks: list[Benchmark],
+) -> Pool:
+    """A top-up round: validate, embed, dedup (against the kept records) and decontaminate only the `new`
+    completions; quality (scores cached per record id; pass or fail decided over the pool, as a quantile moves),
+    extract (labels cached) and rebalance over the whole pool. Equal to `_process` over everything
+    (tests/test_incremental.py); a keep policy that re-ranks earlier records (dedup.extends) takes the whole pass."""
+    completions = pl.concat([pool.completions, new])
+    if not extends(spec.dedup):
+        return _process(spec, completions, engine, references, known, scores, benchmarks)
+    fresh = validate_task(spec, new)
+    validated = ValidationResult(
+        pl.concat([pool.validated.records, fresh.records]), pl.concat([pool.validated.rejects, fresh.rejects])
+    )
+    progress.report("validate", 1, 1, f"{fresh.records.height} new valid, {fresh.rejects.height} rejected")
+    new_embeddings = embed_task(spec, fresh.records["text"].to_list())
+    embeddings = np.vstack([pool.embeddings, new_embeddings]).astype(np.float32, copy=False)
+    deduped = dedup_more_task(spec, pool.deduped, pool.validated.records, fresh.records, new_embeddings, references)
+    clean = None
+    if spec.decontaminate is not None and pool.decontaminated is not None:
+        start = pool.deduped.kept.height  # the earlier kept rows come first and stay
+        later = decontaminate_task(
+            spec, spec.decontaminate, deduped.kept.slice(start), deduped.kept_embeddings[start:], benchmarks
+        )
+        clean = merge_decontamination(pool.decontaminated, later)
+    return _finish(spec, completions, validated, embeddings, deduped, clean, engine, known, scores)
+
+
+def _finish(
+    spec: BuildSpec,
+    completions: pl.DataFrame,
+    validated: ValidationResult,
+    embeddings: np.ndarray,
+    deduped: DedupResult,
+    clean: DecontaminationResult | None,
+    engine: Engine | None,
+    known: ExtractedLabels,
+    scores: ScoreCache,
+) -> Pool:
+    """quality -> extract -> rebalance over the whole deduplicated pool (scores and labels cached per record id)."""
+    records = validated.records
+    progress.report("dedup", 1, 1, f"{deduped.kept.height} unique of {records.height}")
+    kept, kept_embeddings = deduped.kept, deduped.kept_embeddings
+    if clean is not None:
         kept, kept_embeddings = clean.kept, clean.kept_embeddings
         progress.report("decontaminate", 1, 1, f"{clean.rejects.height} of {deduped.kept.height} overlap a benchmark")
     checked = quality_task(spec, kept, kept_embeddings, engine, scores)
@@ -378,8 +446,7 @@ def _build(
         shard_dir = run_dir / "generate" / f"topup-{round_no:02d}"
         generated = _generate(spec, top_up, task_runner, shard_dir, label, round_no)
         generations.append(generated)
-        completions = pl.concat([pool.completions, generated.completions])
-        pool = _process(spec, completions, engine, references, known, scores, benchmarks)
+        pool = _process_more(spec, pool, generated.completions, engine, references, known, scores, benchmarks)
         _write_scores(spec, run_dir / QUALITY_SCORES_FILE, scores)
         rounds.append(round_row(round_no, top_up, generated.completions, pool))
     stopped = stop_reason(spec.rebalance, bool(pool.balanced.shortfalls()), budget_stop)

@@ -12,7 +12,7 @@ A record flagged by either test is a reject (reason `ngram_overlap` when the n-g
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +240,26 @@ def _reject_detail(
 
 def _is_whole(benchmark: Benchmark, item: int, n: int) -> bool:
     return len(words(benchmark.texts[item])) < n
+
+
+def merge_decontamination(earlier: DecontaminationResult, later: DecontaminationResult) -> DecontaminationResult:
+    """One result for the records of `earlier` then those of `later` (each record is judged alone, so a later round
+    checks only its new records): kept rows and rejects in order, each benchmark's counts summed, its first examples."""
+    table = tuple(
+        replace(
+            a,
+            records_checked=a.records_checked + b.records_checked,
+            flagged_ngram=a.flagged_ngram + b.flagged_ngram,
+            flagged_embedding=a.flagged_embedding + b.flagged_embedding,
+            flagged_both=a.flagged_both + b.flagged_both,
+            flagged=a.flagged + b.flagged,
+            examples=(a.examples + b.examples)[:EXAMPLES],
+        )
+        for a, b in zip(earlier.benchmarks, later.benchmarks, strict=True)
+    )
+    return DecontaminationResult(
+        kept=pl.concat([earlier.kept, later.kept]),
+        kept_embeddings=np.ascontiguousarray(np.vstack([earlier.kept_embeddings, later.kept_embeddings]), np.float32),
+        rejects=pl.concat([earlier.rejects, later.rejects]),
+        benchmarks=table,
+    )

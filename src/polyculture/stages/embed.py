@@ -117,6 +117,23 @@ class Embedder:
                 out[i] = self._memory[key]
         return out
 
+    def remember(self, keys: Sequence[bytes], vectors: np.ndarray) -> int:
+        """Take vectors computed elsewhere (a worker that embedded its shard's texts) into the cache, by text key
+        (`text_key`); returns how many were new here (those are also written to the disk cache)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(keys), self.dimension):
+            raise ValueError(f"remember: {len(keys)} keys but vectors of shape {vectors.shape} ({self.dimension}-d)")
+        with self._lock:
+            cache_dir = self.cache_dir
+            if self._memory_dir != cache_dir:
+                self._memory, self._loaded_shards, self._memory_dir = {}, set(), cache_dir
+            fresh = [i for i, key in enumerate(keys) if key not in self._memory]
+            if fresh:
+                new_keys = [keys[i] for i in fresh]
+                self._memory.update(zip(new_keys, vectors[fresh], strict=True))
+                self._write_shard(cache_dir, new_keys, vectors[fresh])
+        return len(fresh)
+
     def _encode_uncached(self, texts: list[str], show_progress: bool) -> np.ndarray:
         if self.static:
             # float16 weights: widen before normalising so every cached vector is float32 like MiniLM's.
