@@ -8,6 +8,7 @@ unfinished build in its own run folder. The drift report is written at the end f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect.cache_policies import NONE
 from polyculture import progress
 from polyculture.embedded import EMBEDDED_CHAT_MODELS
 from polyculture.flows.build_dataset import build_dataset
+from polyculture.runs.folders import RESULT_FILE
 from polyculture.spec import BuildSpec
 from polyculture.tuning import generations as steps
 from polyculture.tuning.drift_report import write_drift_report
@@ -39,6 +41,11 @@ def build_step(spec: BuildSpec, data: dict[str, Any], folder: Path) -> dict[str,
     done = steps.read_marker(marker)
     if done is not None:
         return done
+    finished = folder / spec.name / BUILD_RUN_ID / RESULT_FILE  # killed after the build, before the marker
+    if finished.is_file():
+        result = json.loads(finished.read_text(encoding="utf-8"))
+        steps.write_marker(marker, result)
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     spec_file = folder / "spec.yaml"
     spec_file.write_text(resolved_arm_yaml(spec, data), encoding="utf-8")
