@@ -35,8 +35,8 @@ from polyculture.tuning.generations_config import (
 BUILD_RUN_ID = "build"  # one build per generation folder: a fixed run id makes a re-run resume that build
 
 
-@task(name="build generation", cache_policy=NONE)
 def build_step(spec: BuildSpec, data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Not a task: the build is a flow of its own (a subflow run here)."""
     marker = folder / steps.BUILD_DONE
     done = steps.read_marker(marker)
     if done is not None:
@@ -127,7 +127,7 @@ def generations(config_path: str) -> dict[str, Any]:
     """Run (or resume) the loop a generations config describes; returns where the drift report is, with figures."""
     config, specs = load_generations_config(config_path)
     config_dir = Path(config_path).resolve().parent
-    root = Path(config.output_dir) / config.name
+    root = (Path(config.output_dir) / config.name).absolute()  # adapters are named by absolute paths
     base = base_spec(config, config_dir)[1]
     arms = {arm: _arm(config, config_dir, root, arm, spec, base) for arm, spec in specs.items()}
     loop = {"name": config.name, "regime": config.regime, "generations": config.generations,

@@ -38,12 +38,15 @@ class SftResult:
 
 def encode(tokenizer: Any, messages: Messages, max_tokens: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) with the prompt masked (-100): only the answer is learnt."""
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    if hasattr(prompt_ids, "input_ids"):  # transformers 5 may hand back a BatchEncoding
-        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with the answer appended")
+    # Tokenized apart, so the prompt/answer boundary is exact (no token spans it).
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    full_ids = prompt_ids + answer_ids
+    labels = [-100] * len(prompt_ids) + answer_ids
     return full_ids[:max_tokens], labels[:max_tokens]
 
 
