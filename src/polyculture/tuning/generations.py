@@ -52,7 +52,8 @@ def published_records(spec: BuildSpec, build: dict[str, Any]) -> pl.DataFrame:
     validated = pl.read_parquet(Path(build["run_dir"]) / "validated.parquet")
     columns = ["record_id", "record_json", "text", *[a.name for a in spec.attributes]]
     frame = validated.select([c for c in columns if c in validated.columns]).unique("record_id")
-    return published.rename({"_record_id": "record_id"}).join(frame, on="record_id", how="left")
+    joined = published.rename({"_record_id": "record_id"}).join(frame, on="record_id", how="left")
+    return joined.filter(pl.col("record_json").is_not_null())
 
 
 def chat_examples(spec: BuildSpec, records: pl.DataFrame, generation: int) -> pl.DataFrame:
