@@ -92,7 +92,7 @@ def train_sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += int((labels != -100).sum())
         progress.report("tune", step + 1, settings.steps, f"loss {losses[-1]:.3f}")
     model.eval()
