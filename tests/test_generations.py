@@ -198,3 +198,15 @@ def test_a_loop_of_one_generation_runs_and_resumes(spec_dir, prefect_server, one
     rebuilt = {k for k in after if before.get(k) != after[k]}
     assert rebuilt == {"naive/gen-1/build.done"}  # everything else reused
     assert again["arms"]["naive"][1]["figures"]["records"] == result["arms"]["naive"][1]["figures"]["records"]
+
+
+def test_the_command_refuses_a_bad_config_with_exit_code_2(spec_dir):
+    from typer.testing import CliRunner
+
+    from polyculture.cli import app
+
+    path = write_loop(spec_dir, arms={"naive": {"sampling": {"temprature": 1.0}}})
+    result = CliRunner().invoke(app, ["generations", str(path)])
+    assert result.exit_code == 2
+    assert "arms.naive.sampling.temprature: unknown key" in result.output
+    assert not (spec_dir / "out").exists()  # refused before anything ran
