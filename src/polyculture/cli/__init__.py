@@ -1,8 +1,8 @@
 """polyculture command line: build diverse synthetic datasets from a YAML build spec.
 
 One module per command group: `build` (check, build, index, publish), `compare` (compare-methods), `serve`, `models`
-(models, schema), `tuning` (probe, tune). `display` draws consoles and progress, `errors` maps exceptions to exit
-codes, `options` holds the shared arguments. Commands are registered here, in the order --help lists them, each
+(models, schema), `tuning` (probe, tune), `generations` (the self-consuming loop). `display` draws consoles and
+progress, `errors` maps exceptions to exit codes, `options` holds the shared arguments. Commands are registered here, in the order --help lists them, each
 behind the one exit-code table. Commands import their heavy dependencies inside the function, so --help stays fast.
 """
 
@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from polyculture.cli import build, compare, models, serve, tuning
+from polyculture.cli import build, compare, generations, models, serve, tuning
 from polyculture.cli.errors import exit_codes
 
 # Offline by design, and Prefect quiet and local unless the user configured otherwise.
@@ -50,6 +50,7 @@ for _name, _command in (
     ("models", models.models),
     ("probe", tuning.probe),
     ("tune", tuning.tune),
+    ("generations", generations.generations),
 ):
     app.command(_name)(exit_codes(_command))
 

@@ -33,6 +33,7 @@ EXIT_CODES: dict[str, int] = {
     "polyculture.index.sources.SourceError": 2,
     "polyculture.tuning.families.FamilyError": 2,
     "polyculture.tuning.config.TuneConfigError": 2,
+    "polyculture.tuning.generations_config.GenerationsConfigError": 2,
     "polyculture.engines.model_files.ModelUnavailable": 3,
     "polyculture.engines.base.EngineError": 3,
     "polyculture.flows.runners.RunnerUnavailable": 3,
