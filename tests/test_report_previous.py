@@ -25,7 +25,7 @@ def previous_run(tmp_path: Path) -> Path:
     (run_dir / "report.json").write_text(json.dumps(report))
     (run_dir / "result.json").write_text(json.dumps({"run_id": run_dir.name}))
     records(FINAL_ROWS + [("Zed", "teacher", "sad", "never published")]).write_parquet(run_dir / "validated.parquet")
-    published = records(FINAL_ROWS).select("record_id", "job", "mood", "text")
+    published = records(FINAL_ROWS).select(pl.col("record_id").alias("_record_id"), "job", "mood", "text")
     published.write_parquet(run_dir / f"people-{run_dir.name}" / "data" / "train-00000-of-00001.parquet")
     return run_dir
 

@@ -50,7 +50,9 @@ def load_previous_release(run_dir: Path) -> PreviousRelease:
     try:
         report = json.loads((run_dir / "report.json").read_text())
         dataset = run_dir / dataset_folder_name(str(report["dataset"]), run_dir.name)
-        published = pl.read_parquet(sorted((dataset / "data").glob("*.parquet")), columns=["record_id"])
+        # publish writes the record id as `_record_id` (stages.publish.METADATA_COLUMNS)
+        published = pl.read_parquet(sorted((dataset / "data").glob("*.parquet")), columns=["_record_id"])
+        published = published.rename({"_record_id": "record_id"})
         texts = pl.read_parquet(run_dir / "validated.parquet", columns=["record_id", "text"])
     except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
         raise SpecError(f"{FIELD}: cannot read the previous release in '{run_dir}': {exc}") from None
