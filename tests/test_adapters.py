@@ -186,8 +186,11 @@ def test_from_loaded_probes_a_peft_model_in_memory(peft_model: Any, tokenizer: A
 
 @pytest.mark.slow
 def test_vllm_serves_the_adapter(tf_base: Any, tf_adapter: Any, adapter_dir: Path) -> None:
-    """One vLLM start with native LoRA: log-probs agree with transformers (bf16 vs fp32), generation works."""
-    engine = create_engine(ModelSpec(engine="vllm", adapter=str(adapter_dir)), seed=3)
+    """One vLLM start with native LoRA: log-probs agree with transformers (bf16 vs fp32), generation works.
+    (create_engine serves merged weights on CPU, tests/test_merged_weights.py; native LoRA is what it keeps on CUDA.)"""
+    from polyculture.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(resolve_chat_model(BASE, adapter=adapter_dir), seed=3)
     try:
         assert engine.model_name == f"{BASE}+numbers-lora"
         with_adapter = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)

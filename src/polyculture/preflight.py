@@ -34,6 +34,7 @@ from polyculture.engines.model_files import (
 )
 from polyculture.index.benchmarks import CHAMP, CHAMP_PACKAGE, champ_file
 from polyculture.index.sources import SourceError, source_columns, source_files
+from polyculture.runs.previous import previous_run_folder
 from polyculture.spec import (
     Attribute,
     BuildSpec,
@@ -99,6 +100,11 @@ def preflight(spec: BuildSpec, base_dir: Path | str) -> BuildSpec:
     except ValueError as exc:
         raise SpecError(spec_error_message([((), str(exc))])) from None
     problems = quality_problems(spec.quality, schema, base)
+    if spec.report.previous not in (None, "auto"):
+        try:
+            previous_run_folder(spec.report.previous, base)
+        except ValueError as exc:
+            problems.append((("report", "previous"), str(exc)))
     if spec.decontaminate is not None:
         problems += decontaminate_problems(spec.decontaminate, schema, base)
     if spec.prompt.exemplars is not None:

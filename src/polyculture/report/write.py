@@ -50,6 +50,7 @@ from polyculture.report.model import (
 )
 from polyculture.report.monoculture import monoculture
 from polyculture.report.plots import plot_attribute, plot_similarity
+from polyculture.report.previous import PreviousRelease, since_previous
 from polyculture.report.quality import passing_share, quality_figures
 from polyculture.report.rejects import failed_calls, reject_groups, rejects_or_empty, short_cells
 from polyculture.runs.files import write_text_atomic
@@ -79,6 +80,8 @@ class ReportInputs:
       its texts embedded by the build's embedder (embeddings may be None: then only attributes are compared).
     - contamination: the decontaminate stage's table (`DecontaminationResult.table()`); None when the stage is off.
     - quality: the quality stage's last pass (its `scores` and `counts` are read), when the spec has checks.
+    - previous: the previous release (`report.previous`, report.previous.load_previous_release) and its records'
+      texts embedded by the build's embedder, rows aligned; None: no "since the previous release" section.
     """
 
     run_id: str
@@ -95,6 +98,7 @@ class ReportInputs:
     reference: RecordSet | None = None
     contamination: Sequence[Mapping[str, Any]] | None = None
     quality: QualityResult | None = None
+    previous: tuple[PreviousRelease, np.ndarray] | None = None
 
 
 def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report:
@@ -181,6 +185,11 @@ def write_report(spec: BuildSpec, inputs: ReportInputs, out_dir: Path) -> Report
         figures=figures,
         contamination=_contamination(spec, inputs, rejects),
         math=math,
+        previous=(
+            since_previous(spec, *inputs.previous, diversity.after, attributes, inputs.final.embeddings)
+            if inputs.previous is not None
+            else None
+        ),
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,9 @@ class ReportSpec(_Strict):
         default=1000, ge=10, le=100_000, description="Records sampled (seeded) for pairwise metrics (self-BLEU, Vendi)."
     )
     map: Literal["pca", "tsne"] = Field(default="pca", description="2-D embedding map: PCA (fast) or t-SNE.")
+    previous: str | None = Field(
+        default=None,
+        description="Release-over-release drift: 'auto' (the newest finished run of the same dataset in the publish "
+        "folder) or a finished run folder (relative to the spec); the report gets a 'since the previous release' "
+        "section (each diversity and attribute figure then and now, and the share of records near a previous one).",
+    )
