@@ -113,3 +113,16 @@ def test_bad_quality_check_refused_before_any_model_time(spec_dir):
     assert out.returncode == 2
     assert "quality.0.function: module 'no_such_grader_module' not found" in out.stderr
     assert "Traceback" not in out.stderr and "load model" not in out.stderr
+
+
+def test_an_error_message_with_brackets_is_printed_as_written(capfd):
+    """A message quoting a path like '[/path]' is text, not rich markup (which failed on it and hid the error)."""
+    import pytest
+    import typer
+
+    from polyculture.cli.errors import fail
+
+    with pytest.raises(typer.Exit) as exited:
+        fail("report.previous: '/tmp/x[/path]' is not a finished run folder")
+    assert exited.value.exit_code == 2
+    assert "report.previous: '/tmp/x[/path]' is not a finished run folder" in capfd.readouterr().err

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
+from rich.markup import escape
 
 from polyculture.cli.display import err
 
@@ -110,7 +111,8 @@ def quiet_prefect_noise() -> None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets ("[/path]") that rich would read as markup and fail on
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
