@@ -150,15 +150,15 @@ def test_the_solve_rate_is_a_published_column(tmp_path):
     from polyculture.stages.publish import quality_columns, records_table
 
     spec = load_spec(PROJECT / "configs" / "math_problems.yaml")
-    assert quality_columns(spec) == ["_quality_verified", "_solve_rate"]
+    assert quality_columns(spec) == ["_quality_reads", "_quality_verified", "_solve_rate"]
     record = {"topic": "arithmetic", "difficulty": "easy", "problem": "What is 2 + 3 for a student?",
               "solution": "Add them: 2 + 3 = 5.", "answer": "5"}  # fmt: skip
     final = pl.DataFrame({
         "record_id": ["c0-p0-s0-0"], "method": ["vs_standard"], "model": ["m"], "verbalized_probability": [0.5],
-        "record_json": [json.dumps(record)], "_quality_verified": [0.75], "_solve_rate": [0.5],
+        "record_json": [json.dumps(record)], "_quality_reads": [1.0], "_quality_verified": [0.75], "_solve_rate": [0.5],
     })  # fmt: skip
     table = records_table(spec, final)
-    assert table.column_names[-2:] == ["_quality_verified", "_solve_rate"]
+    assert table.column_names[-3:] == ["_quality_reads", "_quality_verified", "_solve_rate"]
     assert table.column("_solve_rate").to_pylist() == [0.5]
     card = (PROJECT / "src" / "polyculture" / "report" / "templates" / "card.md.j2").read_text()
     assert "`_solve_rate`" in card
