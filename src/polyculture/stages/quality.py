@@ -153,12 +153,9 @@ def quality(
         score_of = {i: outcome[0] for i, outcome in zip(eligible, outcomes, strict=True)}
         columns[check.score_column] = [score_of.get(i) for i in range(records.height)]
         if isinstance(check, MathAnswerCheck):
-            columns[SOLVE_RATE_COLUMN] = [
-                known.get((solve_rate_key(check.name), rid), (None,))[0] if i in score_of else None
-                for i, rid in enumerate(record_ids)
-            ]  # fmt: skip
-            solve_rates = {rid: r for i, (rid, r) in enumerate(zip(record_ids, columns[SOLVE_RATE_COLUMN], strict=True))
-                           if i in score_of}  # fmt: skip
+            rates = [known.get((solve_rate_key(check.name), record_ids[i]), (None,))[0] for i in eligible]
+            solve_rates = {record_ids[i]: rate for i, rate in zip(eligible, rates, strict=True)}
+            columns[SOLVE_RATE_COLUMN] = [solve_rates.get(rid) for rid in record_ids]
         for i, outcome, (ok, why) in zip(eligible, outcomes, verdicts, strict=True):
             score = outcome[0]
             note = why if not ok else outcome[2]  # a pass keeps what the check said (a judge's reason)
