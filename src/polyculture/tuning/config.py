@@ -98,16 +98,16 @@ def load_tune_config(path: Path | str, overrides: dict | None = None) -> TuneCon
         TuneConfig,
         TuneConfigError,
         "a tuning config: a mapping with name, model, families, held_out, ...",
-        overrides=lambda raw: _merged(raw, overrides or {}),
+        overrides=lambda raw: merged(raw, overrides or {}),
     )
 
 
-def _merged(base: dict, overrides: dict) -> dict:
+def merged(base: dict, overrides: dict) -> dict:
     """`overrides` on top of `base`, nested mappings merged key by key (so training.max_steps alone can change)."""
     out = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
+            out[key] = merged(out[key], value)
         else:
             out[key] = value
     return out

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from polyculture.index.sources import SourceError, source_columns, source_files
 from polyculture.preflight import resolve_path
 from polyculture.spec import BuildSpec, SpecError, error_lines
-from polyculture.tuning.config import LORA_MODULES
+from polyculture.tuning.config import LORA_MODULES, merged
 from polyculture.tuning.yaml_file import load_validated
 
 ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -136,7 +136,7 @@ def base_spec(config: GenerationsConfig, config_dir: Path) -> tuple[Path, dict[s
 
 def arm_mapping(base: dict[str, Any], overrides: dict[str, Any], adapter: Path | None = None) -> dict[str, Any]:
     """The base spec's mapping with an arm's overrides on top (and model.adapter when a generation has one)."""
-    data = _merged(copy.deepcopy(base), overrides)
+    data = merged(copy.deepcopy(base), overrides)
     if adapter is not None:
         data.setdefault("model", {})["adapter"] = str(adapter)
     return data
@@ -186,15 +186,6 @@ def fresh_source(config: GenerationsConfig, config_dir: Path) -> Path:
     assert config.fresh is not None
     source = Path(config.fresh.source)
     return source if source.is_absolute() else config_dir / source
-
-
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = _merged(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def generations_json_schema() -> dict[str, Any]:
