@@ -107,16 +107,10 @@ def dedup(
     # 2. semantic, against the references ...
     survivors = np.asarray([i for i in range(n) if reason[i] is None], dtype=np.int64)
     for ref in references:
-        if not survivors.size or ref.size == 0:
-            continue
-        hits = ref.index.neighbors(vectors[survivors], threshold, chunk=QUERY_CHUNK)
-        for q, i in enumerate(survivors):
-            sims = hits.sims[hits.lims[q] : hits.lims[q + 1]]
-            if sims.size and sims.max() >= threshold - SIMILARITY_TOLERANCE:
-                best = int(np.argmax(sims))
-                ref_hit[int(i)] = (ref, int(hits.ids[hits.lims[q] + best]))
-                similarity[i] = float(min(sims[best], 1.0))
-                reason[int(i)] = "near_reference"
+        for i, row, sim in _reference_hits(ref, vectors, survivors, threshold):
+            ref_hit[i] = (ref, row)
+            similarity[i] = sim
+            reason[i] = "near_reference"
         survivors = np.asarray([i for i in survivors if reason[i] is None], dtype=np.int64)
 
     # ... then within the new records, greedily in keep order.
@@ -189,6 +183,22 @@ def dedup(
         rejects=rejects,
         clusters=clusters,
     )
+
+
+def _reference_hits(
+    ref: ReleaseIndex, vectors: np.ndarray, survivors: np.ndarray, threshold: float
+) -> list[tuple[int, int, float]]:
+    """(record row, reference row, cosine) for each survivor whose nearest record of `ref` is at the threshold."""
+    if not survivors.size or ref.size == 0:
+        return []
+    hits = ref.index.neighbors(vectors[survivors], threshold, chunk=QUERY_CHUNK)
+    found = []
+    for q, i in enumerate(survivors):
+        sims = hits.sims[hits.lims[q] : hits.lims[q + 1]]
+        if sims.size and sims.max() >= threshold - SIMILARITY_TOLERANCE:
+            best = int(np.argmax(sims))
+            found.append((int(i), int(hits.ids[hits.lims[q] + best]), float(min(sims[best], 1.0))))
+    return found
 
 
 def _rank(records: pl.DataFrame, keep: KeepPolicy) -> np.ndarray:
@@ -332,16 +342,10 @@ def dedup_more(
 
     survivors = np.asarray([i for i in range(n) if reason[i] is None], dtype=np.int64)
     for ref in references:  # 2. semantic: references ...
-        if not survivors.size or ref.size == 0:
-            continue
-        hits = ref.index.neighbors(vectors[survivors], threshold, chunk=QUERY_CHUNK)
-        for q, i in enumerate(survivors):
-            sims = hits.sims[hits.lims[q] : hits.lims[q + 1]]
-            if sims.size and sims.max() >= threshold - SIMILARITY_TOLERANCE:
-                best = int(np.argmax(sims))
-                reason[i], source[i] = "near_reference", ref.source
-                rep_id[i] = ref.record_ids[int(hits.ids[hits.lims[q] + best])]
-                similarity[i] = float(min(sims[best], 1.0))
+        for i, row, sim in _reference_hits(ref, vectors, survivors, threshold):
+            reason[i], source[i] = "near_reference", ref.source
+            rep_id[i] = ref.record_ids[row]
+            similarity[i] = sim
         survivors = np.asarray([i for i in survivors if reason[i] is None], dtype=np.int64)
 
     # ... then the earlier kept records (all rank first) and the new ones, greedily in order. On a tie the earlier
