@@ -9,7 +9,7 @@ GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-full clean-venv
+.PHONY: setup demo test test-full clean-venv gpu-wheels
 
 setup: $(STAMP)
 
@@ -44,3 +44,9 @@ test-full: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels bench/gpu_check.sh unpacks on a GPU machine that reaches no registry (Python 3.12, x86_64; carry .gpu_wheels).
+gpu-wheels: $(STAMP)
+	$(PIP) download -q -d .gpu_wheels --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		pydantic==$$($(PY) -c "import pydantic; print(pydantic.VERSION)")

@@ -52,7 +52,12 @@ class ModelSpec(_Strict):
         description="A local peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to "
         "the model; relative to the spec file. Not with engine openai (name the server's LoRA model instead).",
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weights' precision. auto: engine transformers runs float32 on the CPU and bfloat16 on a GPU "
+        "(it uses the first CUDA device whenever torch sees one; CUDA_VISIBLE_DEVICES='' keeps it on the CPU); "
+        "engine vllm runs bfloat16.",
+    )
     max_model_len: int = Field(default=2048, ge=128)
     batch_size: int = Field(
         default=16,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polyculture.accelerator import torch_device
 from polyculture.embedded import EMBEDDED_EMBEDDING_MODELS
 from polyculture.engines.model_files import cache_root, resolve_embedding_model
 from polyculture.engines.static_model import is_static_model_folder
@@ -53,13 +54,16 @@ def model_cache_key(name: str, path: Path) -> str:
 
 
 class Embedder:
-    """A sentence-transformers or model2vec static model on CPU with a persistent per-model cache of text -> vector."""
+    """A sentence-transformers model (on the GPU when torch sees one) or a model2vec static model (CPU), with a
+    persistent per-model cache of text -> vector."""
 
-    def __init__(self, name: str, base_dir: Path = Path("."), *, batch_size: int = 64) -> None:
+    def __init__(self, name: str, base_dir: Path = Path("."), *, batch_size: int | None = None) -> None:
         resolved = resolve_embedding_model(name, base_dir)
         self.name = name
         self.path = resolved.path
-        self.batch_size = batch_size
+        device = torch_device()
+        # 256 on a GPU: 6,541 vs 4,485 texts/s at 64 (H200, MiniLM); on 2 CPU cores the batch size hardly matters.
+        self.batch_size = batch_size or (256 if device == "cuda" else 64)
         self.static = is_static_model_folder(resolved.path)
         if self.static:  # model2vec's own loader: numpy lookups, no torch pass (sentence-transformers' is slower)
             from model2vec import StaticModel
@@ -69,7 +73,7 @@ class Embedder:
         else:
             from sentence_transformers import SentenceTransformer
 
-            self.model = SentenceTransformer(str(resolved.path), device="cpu")
+            self.model = SentenceTransformer(str(resolved.path), device=device)
             get_dim = getattr(self.model, "get_embedding_dimension", None)
             dimension = (get_dim or self.model.get_sentence_embedding_dimension)()
         if not dimension:

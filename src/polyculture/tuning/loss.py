@@ -12,4 +12,4 @@ import torch
 
 def diffuse_loss(logprobs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """sum_y w(y) * -log p(y | x) for one prompt; `target` sums to 1 over the same answers as `logprobs`."""
-    return -(target * logprobs).sum()
+    return -(target.to(logprobs.device) * logprobs).sum()  # targets are built on the CPU; the model may be on a GPU

@@ -10,15 +10,18 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from polyculture import progress
+from polyculture.accelerator import torch_device
 from polyculture.tuning.adapter import save_adapter
 from polyculture.tuning.config import LoraSettings
-from polyculture.tuning.generations_config import SftSettings
 from polyculture.tuning.train import attach_lora
+
+if TYPE_CHECKING:  # a type only: the tuning step runs without the loop's config machinery (polars, sources)
+    from polyculture.tuning.generations_config import SftSettings
 
 Messages = list[dict[str, str]]  # chat turns ending with the assistant's answer
 
@@ -61,7 +64,8 @@ def train_sft(
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     # float32: CPU training in bf16 is slower and loses the small LoRA updates (as in diffuse tuning).
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    device = torch_device()
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
     lora = LoraSettings(r=settings.rank, alpha=settings.alpha, target_modules=list(settings.target_modules))
     model = attach_lora(model, lora, settings.seed)
     encoded = [encode(tokenizer, m, settings.max_tokens) for m in examples]
@@ -84,9 +88,9 @@ def train_sft(
                 order = rng.sample(range(len(encoded)), len(encoded))
             batch.append(encoded[order.pop()])
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
