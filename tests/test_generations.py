@@ -5,6 +5,7 @@ resumes after a simulated kill."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -47,10 +48,11 @@ def write_loop(spec_dir: Path, **overrides) -> Path:
         ({"arms": {"naive": {"target_size": 0}}}, "arms.naive.target_size: Input should be greater than or equal"),
         ({"regime": "fresh"}, "fresh: required with regime 'fresh'"),
         ({"tuning": {"from": "previous"}}, "tuning.from: Input should be 'base'"),
+        ({"probe": {"families": ["numbers_1_11"]}}, "probe.families[0]: unknown task family 'numbers_1_11'"),
     ],
 )
 def test_bad_loop_configs_are_refused_naming_the_field(spec_dir, overrides, named):
-    with pytest.raises(GenerationsConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(GenerationsConfigError, match=re.escape(named)):
         load_generations_config(write_loop(spec_dir, **overrides))
 
 
@@ -168,7 +170,7 @@ def test_a_loop_of_one_generation_runs_and_resumes(spec_dir, prefect_server, one
     from polyculture.flows.generations import generations
     from polyculture.tuning.adapter import read_adapter_metadata
 
-    path = write_loop(spec_dir, arms=arms)
+    path = write_loop(spec_dir, arms=arms, probe={"families": ["numbers_1_10"]})
     result = generations(str(path))
     root = spec_dir / "out" / "tiny-loop"
     for arm in arms:
@@ -185,16 +187,25 @@ def test_a_loop_of_one_generation_runs_and_resumes(spec_dir, prefect_server, one
         figures = result["arms"][arm][1]["figures"]
         assert figures["records"] > 0 and figures["semantic_diversity"] is not None
         assert 0 <= figures["tail_ngram_coverage"] <= 1 and figures["unique_answers"] >= 1
+        # Each generation's model was probed: the base model, then base + adapter 0.
+        probes = [json.loads((root / arm / f"gen-{g}" / "probe.json").read_text()) for g in (0, 1)]
+        assert probes[0]["adapter"] is None and probes[1]["adapter"] == str(adapter.resolve())
+        for g, probe in enumerate(probes):
+            assert probe["results"][0]["family"] == "numbers_1_10"
+            entropy = result["arms"][arm][g]["figures"]["probe_numbers_1_10"]
+            assert entropy == probe["results"][0]["exact"]["normalized_entropy"] and 0 < entropy <= 1
     report = json.loads((root / "report.json").read_text())
     assert {r["arm"] for r in report["summary"]} == set(arms)
+    assert "probe_numbers_1_10" in {r["figure"] for r in report["summary"]}
+    assert (root / "plots" / "drift-probe_numbers_1_10.png").is_file()
     assert (root / "plots" / "drift-semantic_diversity.png").is_file() and (root / "report.html").is_file()
 
     # A kill during generation 1's build of one arm (before it published): no result, no marker, no metrics.
-    before = _mtimes(root, ["build.done", "tune.done", "adapter_model.safetensors"])
+    before = _mtimes(root, ["build.done", "tune.done", "adapter_model.safetensors", "probe.json"])
     for name in ("build.done", "metrics.json", "tiny-bios/build/result.json"):
         (root / "naive" / "gen-1" / name).unlink()
     again = generations(str(path))
-    after = _mtimes(root, ["build.done", "tune.done", "adapter_model.safetensors"])
+    after = _mtimes(root, ["build.done", "tune.done", "adapter_model.safetensors", "probe.json"])
     rebuilt = {k for k in after if before.get(k) != after[k]}
     assert rebuilt == {"naive/gen-1/build.done"}  # everything else reused
     assert again["arms"]["naive"][1]["figures"]["records"] == result["arms"]["naive"][1]["figures"]["records"]

@@ -3,7 +3,8 @@
 Per arm, generation 0 builds with the base model; then for g = 0..G-1: collect the training mix (by regime) from
 generation g, tune adapter g from the base model, and build generation g+1 with it (`model.adapter`). Every step
 leaves a marker written last (build.done, tune.done, metrics.json); a re-run skips finished steps and resumes an
-unfinished build in its own run folder. The drift report is written at the end from every metrics.json.
+unfinished build in its own run folder. With `probe.families`, each generation's model is probed too (probe.json).
+The drift report is written at the end from every metrics.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from polyculture.tuning.generations_config import (
     base_spec,
     fresh_source,
     load_generations_config,
+    probe_family_ref,
     resolved_arm_yaml,
 )
 
@@ -80,6 +82,18 @@ def tune_step(config: GenerationsConfig, spec: BuildSpec, mix: pl.DataFrame, fol
     return result
 
 
+@task(name="probe generation", cache_policy=NONE)
+def probe_step(config: GenerationsConfig, config_dir: Path, spec: BuildSpec, adapter: Path | None,
+               folder: Path) -> dict[str, Any]:  # fmt: skip
+    marker = folder / steps.PROBE
+    done = steps.read_marker(marker)
+    if done is None:
+        families = [probe_family_ref(ref, config_dir) for ref in config.probe.families]
+        done = steps.model_probe(spec, adapter, families, config.probe.samples, config.tuning.seed)
+        steps.write_marker(marker, done)
+    return done["figures"]
+
+
 def _arm(config: GenerationsConfig, config_dir: Path, root: Path, arm: str, spec: BuildSpec,
          base: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     fresh = fresh_source(config, config_dir) if config.fresh is not None else None
@@ -103,6 +117,8 @@ def _arm(config: GenerationsConfig, config_dir: Path, root: Path, arm: str, spec
                 "generation": g,
                 "figures": steps.generation_figures(spec, config, build, records, tail),
             }
+        if config.probe.families:  # a loop resumed with a probe added gets the figures for finished generations too
+            metrics["figures"].update(probe_step(config, config_dir, spec, adapter, folder))
         examples.append(steps.chat_examples(spec, records, g))
         if g < config.generations:
             mix = steps.training_mix(config, spec, examples, fresh)

@@ -27,6 +27,15 @@ FIGURES: tuple[tuple[str, str], ...] = (
 )
 
 
+PROBE_PREFIX = "probe_"  # tuning.generations.probe_key: a probed family's exact normalised entropy
+
+
+def figure_list(arms: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """FIGURES, then the model-probe figures the loop measured (one per probed family)."""
+    probed = sorted({k for gens in arms.values() for g in gens for k in g["figures"] if k.startswith(PROBE_PREFIX)})
+    return [*FIGURES, *[(k, f"model: {k[len(PROBE_PREFIX):]} normalised entropy (exact)") for k in probed]]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -36,9 +45,10 @@ def _fmt(value: Any) -> str:
 def summary_rows(arms: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per arm and figure: generation 0, the last generation, and last / first (None where undefined)."""
     rows = []
+    figures = figure_list(arms)
     for arm, gens in arms.items():
         first, last = gens[0]["figures"], gens[-1]["figures"]
-        for key, label in FIGURES:
+        for key, label in figures:
             a, b = first.get(key), last.get(key)
             ratio = b / a if isinstance(a, int | float) and isinstance(b, int | float) and a else None
             rows.append({"arm": arm, "figure": key, "label": label, "gen_0": a, "last": b, "ratio": ratio})
@@ -50,7 +60,7 @@ def plot_figures(arms: dict[str, list[dict[str, Any]]], plots_dir: Path) -> dict
     from polyculture.report.plots import _figure, _save
 
     out = {}
-    for key, label in FIGURES:
+    for key, label in figure_list(arms):
         fig = _figure(5.0, 3.2)
         ax = fig.add_subplot(1, 1, 1)
         drawn = False
@@ -97,12 +107,13 @@ def _markdown(loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]], summa
     lines += [f"| {r['arm']} | {r['label']} | {_fmt(r['gen_0'])} | {_fmt(r['last'])} | {_fmt(r['ratio'])} |"
               for r in summary]  # fmt: skip
     lines += ["", "## Per generation", ""]
-    header = ["arm", "gen", "records", *[k for k, _ in FIGURES], "build s", "tune s"]
+    figures = figure_list(arms)
+    header = ["arm", "gen", "records", *[k for k, _ in figures], "build s", "tune s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, gens in arms.items():
         for g in gens:
             f = g["figures"]
-            cells = [arm, str(g["generation"]), _fmt(f.get("records")), *[_fmt(f.get(k)) for k, _ in FIGURES],
+            cells = [arm, str(g["generation"]), _fmt(f.get("records")), *[_fmt(f.get(k)) for k, _ in figures],
                      _fmt(f.get("build_seconds")), _fmt((g.get("tuning") or {}).get("seconds"))]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items()]

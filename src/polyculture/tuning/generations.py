@@ -224,3 +224,37 @@ def generation_figures(
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
+
+
+PROBE = "probe.json"  # the generation's model probe (its own marker)
+
+
+def probe_key(family: str) -> str:
+    """The figures key of a probed family's exact normalised entropy."""
+    return f"probe_{family}"
+
+
+def model_probe(spec: BuildSpec, adapter: Path | None, families: list[str], samples: int, seed: int) -> dict[str, Any]:
+    """Probe the generation's model (the base model plus its adapter) on enumerable task families: per family, the
+    full probe result; the figures keep the exact normalised entropy. The transformers engine, whatever engine
+    builds: exact figures need sequence log-probs."""
+    from polyculture.engines.factory import create_engine
+    from polyculture.spec import ModelSpec
+    from polyculture.tuning.families import resolve_family
+    from polyculture.tuning.probe import answer_token_cap, probe_family
+
+    model = ModelSpec(name=spec.model.name, engine="transformers", adapter=str(adapter) if adapter else None)
+    engine = create_engine(model, seed=seed, base_dir=spec.base_dir)
+    try:
+        results = []
+        for ref in families:
+            family = resolve_family(ref)
+            cap = answer_token_cap(engine.tokenizer, family)  # type: ignore[attr-defined]
+            results.append(probe_family(engine, family, samples=samples, answer_tokens=cap))
+    finally:
+        engine.close()
+    return {
+        "adapter": str(adapter) if adapter else None,
+        "results": results,
+        "figures": {probe_key(r["family"]): r["exact"]["normalized_entropy"] for r in results},
+    }

@@ -68,6 +68,18 @@ class TailSettings(_Strict):
     ngram: int = Field(default=2, ge=1, le=5, description="Word n-grams of the text; rare: in one gen-0 record only.")
 
 
+class ModelProbe(_Strict):
+    families: list[str] = Field(
+        default_factory=list,
+        description="Enumerable task families (configs/tuning/families names or YAML paths) on which each "
+        "generation's model is probed: the exact normalised entropy of its answer distribution (1 = uniform), "
+        "a figure of the model itself beside those of its data. Empty: no probe.",
+    )
+    samples: int = Field(
+        default=0, ge=0, le=1000, description="Sampled answers per phrasing as well (0: the exact figures only)."
+    )
+
+
 class GenerationsConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$", description="Loop name (its output folder).")
     spec: str = Field(description="Base build spec (relative: beside this config).")
@@ -82,6 +94,7 @@ class GenerationsConfig(_Strict):
     )
     tuning: SftSettings = SftSettings()
     tail: TailSettings = TailSettings()
+    probe: ModelProbe = ModelProbe()
     answer_field: str | None = Field(
         default=None, description="Record field whose distinct values count as unique answers (default: the text)."
     )
@@ -113,6 +126,7 @@ def load_generations_config(path: Path | str) -> tuple[GenerationsConfig, dict[s
     base_dir = path.resolve().parent
     if config.fresh is not None:
         _check_fresh(config.fresh, base_dir)
+    _check_probe(config.probe, base_dir)
     spec_path, base = base_spec(config, base_dir)
     if (base.get("model") or {}).get("adapter"):
         raise GenerationsConfigError("spec: model.adapter is set; the loop tunes its own adapters, leave it unset")
@@ -180,6 +194,22 @@ def _check_fresh(fresh: FreshData, base_dir: Path) -> None:
         raise GenerationsConfigError(
             f"fresh.text_column: '{fresh.text_column}' is not a column of {source}; columns: {columns}"
         )
+
+
+def _check_probe(probe: ModelProbe, base_dir: Path) -> None:
+    from polyculture.tuning.families import FamilyError, resolve_family
+
+    for index, ref in enumerate(probe.families):
+        try:
+            resolve_family(probe_family_ref(ref, base_dir))
+        except FamilyError as exc:
+            raise GenerationsConfigError(f"probe.families[{index}]: {exc}") from None
+
+
+def probe_family_ref(ref: str, config_dir: Path) -> str:
+    """A family name, or a YAML path made absolute (relative paths resolve beside the config)."""
+    local = config_dir / ref
+    return str(local) if local.is_file() else ref
 
 
 def fresh_source(config: GenerationsConfig, config_dir: Path) -> Path:
