@@ -211,6 +211,27 @@ def test_a_loop_of_one_generation_runs_and_resumes(spec_dir, prefect_server, one
     assert again["arms"]["naive"][1]["figures"]["records"] == result["arms"]["naive"][1]["figures"]["records"]
 
 
+def test_a_rerun_under_a_changed_config_is_refused_before_reusing_steps(spec_dir):
+    from typer.testing import CliRunner
+
+    from polyculture.cli import app
+    from polyculture.tuning.generations import LOOP_FILE, check_loop_identity, loop_identity
+
+    config, specs = load_generations_config(write_loop(spec_dir))
+    root = spec_dir / "out" / "tiny-loop"
+    check_loop_identity(root, loop_identity(config, specs))  # a new loop folder records its identity
+    assert (root / LOOP_FILE).is_file()
+    # More generations and a probe added: the finished steps still hold; the loop goes on.
+    config, specs = load_generations_config(write_loop(spec_dir, generations=3, probe={"families": ["fruits"]}))
+    check_loop_identity(root, loop_identity(config, specs))
+    # Other tuning, or another build spec for an arm: refused with exit code 2, naming what changed.
+    path = write_loop(spec_dir, tuning={"steps": 4, "batch_size": 4, "rank": 4},
+                      arms={"naive": {"dedup": {"threshold": 0.95}}, "curated": {}})  # fmt: skip
+    result = CliRunner().invoke(app, ["generations", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "changed: arms.naive, tuning" in result.output.replace("\n", " ")
+
+
 def test_the_command_refuses_a_bad_config_with_exit_code_2(spec_dir):
     from typer.testing import CliRunner
 

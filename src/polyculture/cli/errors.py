@@ -35,6 +35,7 @@ EXIT_CODES: dict[str, int] = {
     "polyculture.tuning.families.FamilyError": 2,
     "polyculture.tuning.config.TuneConfigError": 2,
     "polyculture.tuning.generations_config.GenerationsConfigError": 2,
+    "polyculture.tuning.generations.LoopChanged": 2,
     "polyculture.engines.model_files.ModelUnavailable": 3,
     "polyculture.engines.base.EngineError": 3,
     "polyculture.flows.runners.RunnerUnavailable": 3,

@@ -42,7 +42,10 @@ def generations(
         fail("give a loop config (YAML), or --schema")
     from polyculture import progress
 
-    config, _ = load_generations_config(config_path)  # refuse a bad config before any model time
+    config, specs = load_generations_config(config_path)  # refuse a bad config before any model time
+    from polyculture.tuning.generations import check_loop_identity, loop_identity
+
+    check_loop_identity((Path(config.output_dir) / config.name).absolute(), loop_identity(config, specs))
     from polyculture.flows.generations import generations as run_loop
 
     bar = progress_bar(quiet, label_width=14)

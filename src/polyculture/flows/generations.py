@@ -144,6 +144,7 @@ def generations(config_path: str) -> dict[str, Any]:
     config, specs = load_generations_config(config_path)
     config_dir = Path(config_path).resolve().parent
     root = (Path(config.output_dir) / config.name).absolute()  # adapters are named by absolute paths
+    steps.check_loop_identity(root, steps.loop_identity(config, specs))
     base = base_spec(config, config_dir)[1]
     arms = {arm: _arm(config, config_dir, root, arm, spec, base) for arm, spec in specs.items()}
     loop = {"name": config.name, "regime": config.regime, "generations": config.generations,

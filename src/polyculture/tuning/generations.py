@@ -258,3 +258,37 @@ def model_probe(spec: BuildSpec, adapter: Path | None, families: list[str], samp
         "results": results,
         "figures": {probe_key(r["family"]): r["exact"]["normalized_entropy"] for r in results},
     }
+
+
+LOOP_FILE = "loop.json"  # what decides a loop folder's finished steps: checked on every re-run
+
+
+class LoopChanged(ValueError):
+    """A loop folder holds steps finished under another config; the message names what changed."""
+
+
+def loop_identity(config: GenerationsConfig, specs: dict[str, BuildSpec]) -> dict[str, Any]:
+    """Everything finished steps depend on: each arm's build spec (by fingerprint) and the loop settings. Not G (a
+    loop may be extended), the probe (computed for any generation that lacks it) or where the loop is written."""
+    settings = config.model_dump(mode="json", by_alias=True, exclude={"generations", "probe", "output_dir", "arms"})
+    return {"settings": settings, "arms": {arm: spec.fingerprint() for arm, spec in specs.items()}}
+
+
+def check_loop_identity(root: Path, identity: dict[str, Any]) -> None:
+    """Record the identity of a new loop folder; refuse a re-run whose config would reuse steps it did not make."""
+    path = root / LOOP_FILE
+    recorded = read_marker(path)
+    if recorded is None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_marker(path, identity)
+        return
+    changed = [f"arms.{arm}" for arm in sorted(set(recorded["arms"]) | set(identity["arms"]))
+               if recorded["arms"].get(arm) != identity["arms"].get(arm)]  # fmt: skip
+    old, new = recorded["settings"], identity["settings"]
+    changed += [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        raise LoopChanged(
+            f"{root} holds a loop run under another config (changed: {', '.join(changed)}; an arm changes with its "
+            "build spec too): its finished builds and adapters would be reused. Rename the loop (name) or remove "
+            "the folder to start over."
+        )
