@@ -242,3 +242,33 @@ def test_the_command_refuses_a_bad_config_with_exit_code_2(spec_dir):
     assert result.exit_code == 2
     assert "arms.naive.sampling.temprature: unknown key" in result.output
     assert not (spec_dir / "out").exists()  # refused before anything ran
+
+
+def test_loops_under_two_regimes_combine_into_one_drift_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from polyculture.cli import app
+    from polyculture.tuning.drift_report import write_drift_report
+
+    def gens(values: list[float]) -> list[dict]:
+        return [{"generation": g, "figures": {"semantic_diversity": v, "probe_fruits": v / 100}}
+                for g, v in enumerate(values)]  # fmt: skip
+
+    for regime, values in (("replace", [40.0, 30.0, 20.0]), ("accumulate", [40.0, 38.0, 37.0])):
+        loop = {"name": f"logic-{regime}", "regime": regime, "generations": 2}
+        write_drift_report(tmp_path / regime, loop, {"naive": gens(values), "polyculture": gens([40.0] * 3)})
+    out = tmp_path / "both"
+    result = CliRunner().invoke(
+        app, ["generations", "--combine", str(tmp_path / "replace"), "--combine", str(tmp_path / "accumulate"),
+              "-o", str(out), "--json"],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["arms"]) == ["naive (replace)", "polyculture (replace)", "naive (accumulate)",
+                                    "polyculture (accumulate)"]  # fmt: skip
+    rows = {(r["arm"], r["figure"]): r for r in report["summary"]}
+    assert rows[("naive (replace)", "semantic_diversity")]["ratio"] == 0.5
+    assert rows[("naive (accumulate)", "semantic_diversity")]["last"] == 37.0
+    assert (out / "plots" / "drift-probe_fruits.png").is_file() and (out / "report.html").is_file()
+    missing = CliRunner().invoke(app, ["generations", "--combine", str(tmp_path / "nowhere"), "-o", str(out)])
+    assert missing.exit_code == 2 and "no report.json" in missing.output

@@ -23,6 +23,15 @@ def generations(
     schema_output: Annotated[
         Path | None, typer.Option("--schema-output", help="With --schema: write it to this file.")
     ] = None,
+    combine: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--combine",
+            help="A finished loop's folder (<output_dir>/<name>); repeat it: one drift report over several loops "
+            "(e.g. replace vs accumulate), one line per arm and regime. Needs --output.",
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="With --combine: the report's folder.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -38,8 +47,22 @@ def generations(
         else:
             schema_output.write_text(text)
         return
+    if combine:
+        from polyculture.tuning.drift_report import combine_reports
+
+        if output is None:
+            fail("--combine needs --output (the combined report's folder)")
+        try:
+            paths = combine_reports(combine, output)
+        except FileNotFoundError as exc:
+            fail(str(exc))
+        if as_json:
+            write_json({k: str(v) for k, v in paths.items()})
+        else:
+            stdout().print(f"report: {paths['html']}")
+        return
     if config_path is None:
-        fail("give a loop config (YAML), or --schema")
+        fail("give a loop config (YAML), --combine or --schema")
     from polyculture import progress
 
     config, specs = load_generations_config(config_path)  # refuse a bad config before any model time

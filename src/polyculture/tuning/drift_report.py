@@ -91,6 +91,27 @@ def write_drift_report(folder: Path, loop: dict[str, Any], arms: dict[str, list[
     return {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html"}
 
 
+def combine_reports(loop_folders: list[Path], folder: Path) -> dict[str, Path]:
+    """One drift report over several finished loops (e.g. the same arms under replace and under accumulate): each
+    line is an arm of one loop, labelled "<arm> (<regime>)" (plus the loop's name when two loops share a regime)."""
+    loops = []
+    for loop_folder in loop_folders:
+        path = Path(loop_folder) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{loop_folder}: no report.json (is it a finished loop's folder?)")
+        loops.append(json.loads(path.read_text(encoding="utf-8")))
+    regimes = [loop["loop"]["regime"] for loop in loops]
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for loop, regime in zip(loops, regimes, strict=True):
+        tag = regime if regimes.count(regime) == 1 else f"{regime}, {loop['loop']['name']}"
+        for arm, gens in loop["arms"].items():
+            arms[f"{arm} ({tag})"] = gens
+    combined = {"name": " + ".join(loop["loop"]["name"] for loop in loops), "regime": " + ".join(regimes),
+                "generations": max(loop["loop"]["generations"] for loop in loops),
+                "loops": [str(f) for f in loop_folders]}  # fmt: skip
+    return write_drift_report(folder, combined, arms)
+
+
 def _markdown(loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]],
               plots: dict[str, str]) -> str:  # fmt: skip
     lines = [
