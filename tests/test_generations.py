@@ -197,6 +197,14 @@ def test_a_loop_of_one_generation_runs_and_resumes(spec_dir, prefect_server, one
     report = json.loads((root / "report.json").read_text())
     assert {r["arm"] for r in report["summary"]} == set(arms)
     assert "probe_numbers_1_10" in {r["figure"] for r in report["summary"]}
+    # Generation 0 built again with the next seed: the noise floor, in the summary beside each figure.
+    for arm in arms:
+        again = root / arm / "gen-0-replicate"
+        seed = yaml.safe_load((root / arm / "gen-0" / "spec.yaml").read_text()).get("seed", 0)
+        assert yaml.safe_load((again / "spec.yaml").read_text())["seed"] == seed + 1
+        assert result["replicates"][arm]["figures"]["records"] > 0
+    row = next(r for r in report["summary"] if r["arm"] == "naive" and r["figure"] == "semantic_diversity")
+    assert row["replicate"] == result["replicates"]["naive"]["figures"]["semantic_diversity"]
     assert (root / "plots" / "drift-probe_numbers_1_10.png").is_file()
     assert (root / "plots" / "drift-semantic_diversity.png").is_file() and (root / "report.html").is_file()
 

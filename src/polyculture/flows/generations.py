@@ -4,7 +4,8 @@ Per arm, generation 0 builds with the base model; then for g = 0..G-1: collect t
 generation g, tune adapter g from the base model, and build generation g+1 with it (`model.adapter`). Every step
 leaves a marker written last (build.done, tune.done, metrics.json); a re-run skips finished steps and resumes an
 unfinished build in its own run folder. With `probe.families`, each generation's model is probed too (probe.json).
-The drift report is written at the end from every metrics.json.
+Generation 0 is also built a second time with the next seed (`replicate`): its figures' distance from generation
+0's is the sampling noise any drift is read against. The drift report is written at the end from every metrics.json.
 """
 
 from __future__ import annotations
@@ -129,11 +130,30 @@ def _arm(config: GenerationsConfig, config_dir: Path, root: Path, arm: str, spec
     return out
 
 
-def _with_adapter(spec: BuildSpec, data: dict[str, Any]) -> BuildSpec:
-    """The arm's spec for this generation (the adapter is the only thing that changes), preflighted again."""
+def _replicate(
+    config: GenerationsConfig, root: Path, arm: str, spec: BuildSpec, base: dict[str, Any]
+) -> dict[str, Any]:
+    """Generation 0 again with the next seed, measured against generation 0's tail: the figures' noise floor."""
+    folder = steps.replicate_dir(root, arm)
+    metrics = steps.read_marker(folder / steps.METRICS)
+    if metrics is not None:
+        return metrics
+    progress.report(f"{arm} gen 0 again", 0, 1, "build (seed + 1)")
+    data = arm_mapping(base, config.arms[arm]) | {"seed": spec.seed + 1}
+    build = build_step(_with_adapter(spec, data, revalidate=True), data, folder)
+    tail = steps.Tail(**(steps.read_marker(root / arm / "tail.json") or {}))
+    figures = steps.generation_figures(spec, config, build, steps.published_records(spec, build), tail)
+    metrics = {"arm": arm, "generation": 0, "replicate": True, "seed": spec.seed + 1, "figures": figures}
+    steps.write_marker(folder / steps.METRICS, metrics)
+    return metrics
+
+
+def _with_adapter(spec: BuildSpec, data: dict[str, Any], *, revalidate: bool = False) -> BuildSpec:
+    """The arm's spec for this generation (the adapter, or the replicate's seed, is what changes), preflighted
+    again."""
     from polyculture.preflight import preflight
 
-    if not (data.get("model") or {}).get("adapter"):
+    if not revalidate and not (data.get("model") or {}).get("adapter"):
         return spec
     return preflight(BuildSpec.model_validate(data), spec.base_dir)
 
@@ -147,8 +167,11 @@ def generations(config_path: str) -> dict[str, Any]:
     steps.check_loop_identity(root, steps.loop_identity(config, specs))
     base = base_spec(config, config_dir)[1]
     arms = {arm: _arm(config, config_dir, root, arm, spec, base) for arm, spec in specs.items()}
+    replicates = {}
+    if config.replicate:
+        replicates = {arm: _replicate(config, root, arm, spec, base) for arm, spec in specs.items()}
     loop = {"name": config.name, "regime": config.regime, "generations": config.generations,
             "config": config.model_dump(by_alias=True)}  # fmt: skip
-    paths = write_drift_report(root, loop, arms)
+    paths = write_drift_report(root, loop, arms, replicates)
     progress.report("report", 1, 1, str(paths["html"]))
-    return {"root": str(root), **{k: str(v) for k, v in paths.items()}, "arms": arms}
+    return {"root": str(root), **{k: str(v) for k, v in paths.items()}, "arms": arms, "replicates": replicates}

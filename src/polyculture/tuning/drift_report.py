@@ -42,21 +42,32 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def summary_rows(arms: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per arm and figure: generation 0, the last generation, and last / first (None where undefined)."""
+def _ratio(a: Any, b: Any) -> float | None:
+    return b / a if isinstance(a, int | float) and isinstance(b, int | float) and a else None
+
+
+def summary_rows(
+    arms: dict[str, list[dict[str, Any]]], replicates: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Per arm and figure: generation 0, the last generation, and last / first (None where undefined); with a
+    replicate (generation 0 again, next seed), its value and replicate / generation 0: the noise floor."""
     rows = []
     figures = figure_list(arms)
     for arm, gens in arms.items():
         first, last = gens[0]["figures"], gens[-1]["figures"]
+        again = ((replicates or {}).get(arm) or {}).get("figures") or {}
         for key, label in figures:
-            a, b = first.get(key), last.get(key)
-            ratio = b / a if isinstance(a, int | float) and isinstance(b, int | float) and a else None
-            rows.append({"arm": arm, "figure": key, "label": label, "gen_0": a, "last": b, "ratio": ratio})
+            a, b, r = first.get(key), last.get(key), again.get(key)
+            rows.append({"arm": arm, "figure": key, "label": label, "gen_0": a, "last": b, "ratio": _ratio(a, b),
+                         "replicate": r, "replicate_ratio": _ratio(a, r)})  # fmt: skip
     return rows
 
 
-def plot_figures(arms: dict[str, list[dict[str, Any]]], plots_dir: Path) -> dict[str, str]:
-    """One PNG per figure; returns figure key -> path relative to the report's folder."""
+def plot_figures(
+    arms: dict[str, list[dict[str, Any]]], plots_dir: Path, replicates: dict[str, dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """One PNG per figure (a replicate is a hollow marker at generation 0 in its arm's colour); returns figure key ->
+    path relative to the report's folder."""
     from polyculture.report.plots import _figure, _save
 
     out = {}
@@ -67,8 +78,11 @@ def plot_figures(arms: dict[str, list[dict[str, Any]]], plots_dir: Path) -> dict
         for arm, gens in arms.items():
             points = [(g["generation"], g["figures"].get(key)) for g in gens if g["figures"].get(key) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+                (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
                 drawn = True
+                again = (((replicates or {}).get(arm) or {}).get("figures") or {}).get(key)
+                if again is not None:
+                    ax.plot([0], [again], marker="o", markerfacecolor="none", color=line.get_color(), linestyle="")
         if not drawn:
             continue
         ax.set_xlabel("generation")
@@ -79,12 +93,19 @@ def plot_figures(arms: dict[str, list[dict[str, Any]]], plots_dir: Path) -> dict
     return out
 
 
-def write_drift_report(folder: Path, loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
-    """`arms`: arm -> [{generation, figures, ...}] in generation order."""
+def write_drift_report(
+    folder: Path,
+    loop: dict[str, Any],
+    arms: dict[str, list[dict[str, Any]]],
+    replicates: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """`arms`: arm -> [{generation, figures, ...}] in generation order; `replicates`: arm -> generation 0 built
+    again with the next seed ({figures, ...})."""
     folder.mkdir(parents=True, exist_ok=True)
-    plots = plot_figures(arms, folder / "plots")
-    summary = summary_rows(arms)
-    payload = {"loop": loop, "arms": arms, "summary": summary, "plots": plots}
+    replicates = replicates or {}
+    plots = plot_figures(arms, folder / "plots", replicates)
+    summary = summary_rows(arms, replicates)
+    payload = {"loop": loop, "arms": arms, "replicates": replicates, "summary": summary, "plots": plots}
     write_text_atomic(folder / "report.json", json.dumps(jsonable(payload), indent=2) + "\n")
     write_text_atomic(folder / "report.md", _markdown(loop, arms, summary, plots))
     write_text_atomic(folder / "report.html", _html(loop, summary, plots, folder))
@@ -102,14 +123,17 @@ def combine_reports(loop_folders: list[Path], folder: Path) -> dict[str, Path]:
         loops.append(json.loads(path.read_text(encoding="utf-8")))
     regimes = [loop["loop"]["regime"] for loop in loops]
     arms: dict[str, list[dict[str, Any]]] = {}
+    replicates: dict[str, dict[str, Any]] = {}
     for loop, regime in zip(loops, regimes, strict=True):
         tag = regime if regimes.count(regime) == 1 else f"{regime}, {loop['loop']['name']}"
         for arm, gens in loop["arms"].items():
             arms[f"{arm} ({tag})"] = gens
+            if arm in (loop.get("replicates") or {}):
+                replicates[f"{arm} ({tag})"] = loop["replicates"][arm]
     combined = {"name": " + ".join(loop["loop"]["name"] for loop in loops), "regime": " + ".join(regimes),
                 "generations": max(loop["loop"]["generations"] for loop in loops),
                 "loops": [str(f) for f in loop_folders]}  # fmt: skip
-    return write_drift_report(folder, combined, arms)
+    return write_drift_report(folder, combined, arms, replicates)
 
 
 def _markdown(loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]],
@@ -122,11 +146,14 @@ def _markdown(loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]], summa
         "",
         "## Summary (generation 0 vs the last generation)",
         "",
-        "| arm | figure | gen 0 | last | last / gen 0 |",
-        "|---|---|---:|---:|---:|",
+        "gen 0 again: generation 0 built a second time with the next seed; its ratio to gen 0 is the sampling noise a "
+        "drift has to exceed to mean anything.",
+        "",
+        "| arm | figure | gen 0 | last | last / gen 0 | gen 0 again / gen 0 |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['arm']} | {r['label']} | {_fmt(r['gen_0'])} | {_fmt(r['last'])} | {_fmt(r['ratio'])} |"
-              for r in summary]  # fmt: skip
+    lines += [f"| {r['arm']} | {r['label']} | {_fmt(r['gen_0'])} | {_fmt(r['last'])} | {_fmt(r['ratio'])} | "
+              f"{_fmt(r['replicate_ratio'])} |" for r in summary]  # fmt: skip
     lines += ["", "## Per generation", ""]
     figures = figure_list(arms)
     header = ["arm", "gen", "records", *[k for k, _ in figures], "build s", "tune s"]
@@ -144,7 +171,7 @@ def _markdown(loop: dict[str, Any], arms: dict[str, list[dict[str, Any]]], summa
 def _html(loop: dict[str, Any], summary: list[dict[str, Any]], plots: dict[str, str], folder: Path) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['arm'])}</td><td>{html.escape(r['label'])}</td><td>{_fmt(r['gen_0'])}</td>"
-        f"<td>{_fmt(r['last'])}</td><td>{_fmt(r['ratio'])}</td></tr>"
+        f"<td>{_fmt(r['last'])}</td><td>{_fmt(r['ratio'])}</td><td>{_fmt(r['replicate_ratio'])}</td></tr>"
         for r in summary
     )
     images = "".join(  # inlined, so the page reads offline on its own
@@ -154,6 +181,7 @@ def _html(loop: dict[str, Any], summary: list[dict[str, Any]], plots: dict[str, 
     title = html.escape(f"Drift report: {loop['name']} ({loop['regime']})")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>"
-        "<table border='1'><tr><th>arm</th><th>figure</th><th>gen 0</th><th>last</th><th>last / gen 0</th></tr>"
+        "<table border='1'><tr><th>arm</th><th>figure</th><th>gen 0</th><th>last</th><th>last / gen 0</th>"
+        "<th>gen 0 again / gen 0</th></tr>"
         f"{rows}</table><div>{images}</div></body></html>\n"
     )

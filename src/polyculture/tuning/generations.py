@@ -36,6 +36,11 @@ def gen_dir(root: Path, arm: str, generation: int) -> Path:
     return root / arm / f"gen-{generation}"
 
 
+def replicate_dir(root: Path, arm: str) -> Path:
+    """Generation 0 built again with the next seed: the noise floor of every figure."""
+    return root / arm / "gen-0-replicate"
+
+
 def read_marker(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -270,7 +275,8 @@ class LoopChanged(ValueError):
 def loop_identity(config: GenerationsConfig, specs: dict[str, BuildSpec]) -> dict[str, Any]:
     """Everything finished steps depend on: each arm's build spec (by fingerprint) and the loop settings. Not G (a
     loop may be extended), the probe (computed for any generation that lacks it) or where the loop is written."""
-    settings = config.model_dump(mode="json", by_alias=True, exclude={"generations", "probe", "output_dir", "arms"})
+    exclude = {"generations", "probe", "replicate", "output_dir", "arms"}
+    settings = config.model_dump(mode="json", by_alias=True, exclude=exclude)
     return {"settings": settings, "arms": {arm: spec.fingerprint() for arm, spec in specs.items()}}
 
 

@@ -95,6 +95,11 @@ class GenerationsConfig(_Strict):
     tuning: SftSettings = SftSettings()
     tail: TailSettings = TailSettings()
     probe: ModelProbe = ModelProbe()
+    replicate: bool = Field(
+        default=True,
+        description="Build generation 0 a second time with the next seed (seed + 1) and measure it like a generation: "
+        "the figures' sampling noise, against which any drift is read (one more build per arm).",
+    )
     answer_field: str | None = Field(
         default=None, description="Record field whose distinct values count as unique answers (default: the text)."
     )
