@@ -232,6 +232,10 @@ def test_a_rerun_under_a_changed_config_is_refused_before_reusing_steps(spec_dir
     # More generations and a probe added: the finished steps still hold; the loop goes on.
     config, specs = load_generations_config(write_loop(spec_dir, generations=3, probe={"families": ["fruits"]}))
     check_loop_identity(root, loop_identity(config, specs))
+    # A new arm starts from nothing: recorded, not refused.
+    config, specs = load_generations_config(write_loop(spec_dir, arms=TWO_ARMS | {"third": {"seed": 9}}))
+    check_loop_identity(root, loop_identity(config, specs))
+    assert "third" in json.loads((root / LOOP_FILE).read_text())["arms"]
     # Other tuning, or another build spec for an arm: refused with exit code 2, naming what changed.
     path = write_loop(spec_dir, tuning={"steps": 4, "batch_size": 4, "rank": 4},
                       arms={"naive": {"dedup": {"threshold": 0.95}}, "curated": {}})  # fmt: skip

@@ -27,7 +27,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
 )
 
 
-PROBE_PREFIX = "probe_"  # tuning.generations.probe_key: a probed family's exact normalised entropy
+PROBE_PREFIX = "probe_"  # figures keys of the model probe's families (tuning.generations.probe_key)
 
 
 def figure_list(arms: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:

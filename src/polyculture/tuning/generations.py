@@ -24,6 +24,7 @@ from polyculture.index.text import normalize_text
 from polyculture.metrics.lexical import tokenize
 from polyculture.runs.files import jsonable, write_text_atomic
 from polyculture.spec import BuildSpec
+from polyculture.tuning.drift_report import PROBE_PREFIX
 from polyculture.tuning.generations_config import GenerationsConfig, TailSettings
 
 BUILD_DONE = "build.done"  # the build's result (BuildResult as JSON)
@@ -235,8 +236,8 @@ PROBE = "probe.json"  # the generation's model probe (its own marker)
 
 
 def probe_key(family: str) -> str:
-    """The figures key of a probed family's exact normalised entropy."""
-    return f"probe_{family}"
+    """The figures key of a probed family's exact normalised entropy (the drift report lists such keys)."""
+    return f"{PROBE_PREFIX}{family}"
 
 
 def model_probe(spec: BuildSpec, adapter: Path | None, families: list[str], samples: int, seed: int) -> dict[str, Any]:
@@ -288,8 +289,9 @@ def check_loop_identity(root: Path, identity: dict[str, Any]) -> None:
         root.mkdir(parents=True, exist_ok=True)
         write_marker(path, identity)
         return
-    changed = [f"arms.{arm}" for arm in sorted(set(recorded["arms"]) | set(identity["arms"]))
-               if recorded["arms"].get(arm) != identity["arms"].get(arm)]  # fmt: skip
+    # An arm the folder has not seen yet starts from nothing: it is recorded, not refused.
+    changed = [f"arms.{arm}" for arm in sorted(set(recorded["arms"]) & set(identity["arms"]))
+               if recorded["arms"][arm] != identity["arms"][arm]]  # fmt: skip
     old, new = recorded["settings"], identity["settings"]
     changed += [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changed:
@@ -298,3 +300,5 @@ def check_loop_identity(root: Path, identity: dict[str, Any]) -> None:
             "build spec too): its finished builds and adapters would be reused. Rename the loop (name) or remove "
             "the folder to start over."
         )
+    if set(identity["arms"]) - set(recorded["arms"]):
+        write_marker(path, {"settings": new, "arms": recorded["arms"] | identity["arms"]})
