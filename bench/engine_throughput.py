@@ -10,8 +10,11 @@ noisy.
 --stage: the demo spec's own plan (configs/biographies.yaml: 68 prompts, n=2, max_tokens 900, T=0.7, top_p 0.9) with
 target_size x --scale, on one vLLM engine loaded once. Modes, each run once, in the order given:
 - raw: every conversation in one `vllm.LLM.chat` call (vLLM's scheduler batches them continuously);
-- raw:S: the same conversations in `vllm.LLM.chat` calls of S sequences (S / n prompts) each, one after another;
-- pipeline[:S]: `stages.generate.generate_round` with the in-process runner into a fresh shard folder (shards of
+- raw:S: the same conversations in the calls pipeline:S makes (whole shards up to S sequences), one after another;
+- each raw call is seeded and prefix-cache-reset exactly as the pipeline's call (seed of its first shard), so raw:S and
+  pipeline:S sample the same tokens (equal `texts_sha`), and raw equals pipeline:all: the difference in seconds is
+  the pipeline's own cost (parsing, frames, checksummed parquet writes), not sampling luck;
+- pipeline[:S|:all]: `stages.generate.generate_round` with the in-process runner into a fresh shard folder (shards of
   model.batch_size prompts, shards joined into engine calls of up to S sequences; S unset: the spec's default),
   parsing and parquet writes included.
 """
@@ -19,6 +22,7 @@ target_size x --scale, on one vLLM engine loaded once. Modes, each run once, in 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -90,28 +94,35 @@ def stage_figure(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             if mode.startswith("raw"):
                 sampling = engine._params(params, schema)  # the engine's own translation of the same settings
-                engine.llm.reset_prefix_cache()
-                _, _, per_call = mode.partition(":")
-                step = max(1, int(per_call) // spec.sampling.n) if per_call else len(conversations)
+                per_call = _per_call(mode, len(conversations) * spec.sampling.n)
                 outputs = []
-                for at in range(0, len(conversations), step):
-                    outputs += engine.llm.chat(conversations[at : at + step], sampling, use_tqdm=False)
+                # The pipeline's calls at this size (the prompts and first-shard seed of each), so raw:S samples
+                # exactly what pipeline:S samples: the same tokens, and the time difference is the pipeline's own.
+                at = 0
+                for size, seed in _pipeline_calls(spec, cells, method, per_call):
+                    engine.llm.reset_prefix_cache()
+                    engine.llm.collective_rpc("polyculture_reseed", args=(seed,))
+                    outputs += engine.llm.chat(conversations[at : at + size], sampling, use_tqdm=False)
+                    at += size
                 seconds = time.perf_counter() - started
                 tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-                extra: dict[str, object] = {"engine_calls": -(-len(conversations) // step)}
+                texts = [o.text for out in outputs for o in out.outputs]
+                extra: dict[str, object] = {"engine_calls": len(_pipeline_calls(spec, cells, method, per_call)),
+                                            "texts_sha": _digest(texts)}  # fmt: skip
             else:
-                _, _, per_call = mode.partition(":")
+                per_call = _per_call(mode, len(conversations) * spec.sampling.n)
                 run = spec
                 if per_call:
                     run = spec.model_copy(
-                        update={"model": spec.model.model_copy(update={"sequences_per_call": int(per_call)})}
+                        update={"model": spec.model.model_copy(update={"sequences_per_call": per_call})}
                     )
                 with tempfile.TemporaryDirectory() as folder:
                     result = generate_round(run, cells, method, Path(folder), in_process(run, engine, method))
                 seconds = time.perf_counter() - started
                 tokens = int(result.completions["completion_tokens"].sum())
                 extra = {"shards": result.shard_runs.height,
-                         "sequences_per_call": getattr(run.model, "sequences_per_call", None)}  # fmt: skip
+                         "sequences_per_call": getattr(run.model, "sequences_per_call", None),
+                         "texts_sha": _digest(result.completions["completion"].to_list())}  # fmt: skip
             print(json.dumps({
                 "mode": mode, **common, **extra, "seconds": round(seconds, 1), "completion_tokens": tokens,
                 "tokens_per_second": round(tokens / seconds, 1), "load_average_at_start": round(load, 2),
@@ -119,6 +130,35 @@ def stage_figure(args: argparse.Namespace) -> None:
             }), flush=True)  # fmt: skip
     finally:
         engine.close()
+
+
+def _per_call(mode: str, total_sequences: int) -> int | None:
+    """S of `raw:S` / `pipeline:S` (`all`: every sequence of the plan), None when the mode names none."""
+    _, _, per_call = mode.partition(":")
+    if not per_call:
+        return None
+    return total_sequences if per_call == "all" else int(per_call)
+
+
+def _pipeline_calls(spec, cells, method, sequences_per_call: int | None) -> list[tuple[int, int]]:  # noqa: ANN001
+    """(prompts, seed) of each engine call the generate stage makes for this plan (None: the spec's default), or one
+    call for everything with the first shard's seed when the mode asks for all at once."""
+    from polyculture.stages.generate import plan_calls, plan_shards
+
+    run = spec
+    if sequences_per_call is not None:
+        model = spec.model.model_copy(update={"sequences_per_call": sequences_per_call})
+        run = spec.model_copy(update={"model": model})
+    with tempfile.TemporaryDirectory() as folder:
+        calls = plan_calls(run, plan_shards(run, cells, method, Path(folder)))
+    if sequences_per_call is None:  # raw: every conversation in one call, seeded like the pipeline's first call
+        return [(sum(s.prompts for call in calls for s in call), calls[0][0].seeds[0])]
+    return [(sum(s.prompts for s in call), call[0].seeds[0]) for call in calls]
+
+
+def _digest(texts: list[str]) -> str:
+    """A short checksum of the completions in order: equal in two modes means they sampled the same tokens."""
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
 
 
 def main() -> None:
@@ -131,7 +171,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stage", action="store_true", help="figure 1: generate stage vs raw vLLM")
     parser.add_argument("--scale", type=int, default=1, help="--stage: target_size x this (1: the demo's 68 prompts)")
-    parser.add_argument("--modes", default="raw,pipeline", help="--stage: raw, pipeline, pipeline:SEQUENCES_PER_CALL")
+    parser.add_argument(
+        "--modes", default="raw,pipeline", help="--stage: raw[:S], pipeline[:S] (S: sequences per call, or all)"
+    )
     args = parser.parse_args()
     if args.stage:
         stage_figure(args)
