@@ -208,3 +208,56 @@ def test_a_call_joining_shards_is_generated_again_whole_and_writes_only_its_miss
     assert again.shard_runs["shard"].to_list() == [1]  # shard 0 came back identical and was not written again
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert again.completions.drop("batch_seconds").equals(first.completions.drop("batch_seconds"))
+
+
+def test_a_shard_is_written_as_soon_as_its_own_requests_finish_while_its_call_goes_on(spec_dir, tmp_path):
+    # 3 one-prompt shards per call; the engine finishes the call's requests last to first, and before it hands back
+    # the call's first request the shards of the others must already be on disk, with the completions of a run whose
+    # engine reports nothing until the end.
+    spec = parse_spec(small_spec_dict(model={"batch_size": 1, "sequences_per_call": 6}), spec_dir)
+    method, cells = get_method(spec.method), plan(spec)
+    on_disk_at_each_request: list[set[int]] = []
+
+    class FinishingInReverse(_Seeded):
+        def generate_as_finished(self, conversations, params, json_schema=None):
+            outputs = self.generate(conversations, params, json_schema)
+            for index in reversed(range(len(conversations))):
+                on_disk_at_each_request.append({int(p.stem.split("-")[1]) for p in folder.glob("shard-*.parquet")})
+                yield index, outputs[index]
+
+    folder = tmp_path / "streamed"
+    shards = plan_shards(spec, cells, method, folder)
+    first_call = plan_calls(spec, shards)[0]
+    assert [s.index for s in first_call] == [0, 1, 2]
+    progress_seen: list[int] = []
+    streamed = generate_round(
+        spec, cells, method, folder, in_process(spec, FinishingInReverse(), method),  # type: ignore[arg-type]
+        on_progress=lambda done, total: progress_seen.append(done),
+    )  # fmt: skip
+    # request 2 (shard 2) came first: nothing on disk; request 1: shard 2 written; request 0: shards 2 and 1 written
+    assert on_disk_at_each_request[:3] == [set(), {2}, {1, 2}]
+    assert progress_seen[:4] == [0, 1, 2, 3]  # one step per shard, not per call
+    # the written order differs, the completions do not; a shard's seconds are its share of the call's time
+    at_end = generate_round(spec, cells, method, tmp_path / "at-end", in_process(spec, _Seeded(), method))  # type: ignore[arg-type]
+    assert streamed.completions.drop("batch_seconds").equals(at_end.completions.drop("batch_seconds"))
+    assert streamed.shard_runs["shard"].to_list() == [s.index for s in shards]
+    assert (streamed.shard_runs["seconds"] >= 0).all()
+
+
+def test_a_failing_call_stops_the_loop_after_writing_the_shards_it_finished(spec_dir, tmp_path):
+    spec = parse_spec(small_spec_dict(model={"batch_size": 1, "sequences_per_call": 6}), spec_dir)
+    method, cells = get_method(spec.method), plan(spec)
+
+    class DyingMidCall(_Seeded):
+        def generate_as_finished(self, conversations, params, json_schema=None):
+            outputs = self.generate(conversations, params, json_schema)
+            yield 0, outputs[0]
+            raise RuntimeError("engine died")
+
+    folder = tmp_path / "shards"
+    with pytest.raises(RuntimeError, match="engine died"):
+        generate_round(spec, cells, method, folder, in_process(spec, DyingMidCall(), method))  # type: ignore[arg-type]
+    assert [p.name for p in folder.glob("shard-*.parquet")] == ["shard-00000.parquet"]
+    # resume regenerates the whole first call (its samples depend on all of it) and writes only what is missing
+    again = generate_round(spec, cells, method, folder, in_process(spec, _Seeded(), method))  # type: ignore[arg-type]
+    assert 0 not in again.shard_runs["shard"].to_list() and 1 in again.shard_runs["shard"].to_list()

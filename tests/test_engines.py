@@ -144,7 +144,10 @@ def _check_joined_calls_resume(engine: Engine, spec_dir, folder) -> None:
     cells, method = plan(spec), get_method("direct")
     calls = plan_calls(spec, plan_shards(spec, cells, method, folder))
     assert [len(call) for call in calls][0] == 3 and len(calls) >= 2
-    straight = generate(spec, cells, engine, method, folder)
+    watching = _WatchingShards(engine, folder)
+    straight = generate(spec, cells, watching, method, folder)  # type: ignore[arg-type]
+    # each shard (one prompt here) is on disk as soon as its own requests finish, while its call still decodes
+    assert watching.on_disk[:3] == [0, 1, 2]
     kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
     lost = ["shard-00001.parquet", "shard-00002.parquet", f"shard-{calls[-1][-1].index:05d}.parquet"]
     for name in lost:
@@ -153,6 +156,34 @@ def _check_joined_calls_resume(engine: Engine, spec_dir, folder) -> None:
     assert resumed.drop("batch_seconds").equals(straight.drop("batch_seconds"))
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
     assert {n: t for n, t in after.items() if n not in lost} == {n: t for n, t in kept.items() if n not in lost}
+
+
+class _WatchingShards:
+    """The real engine, passed through; counts the shard files on disk each time it hands back a finished request."""
+
+    def __init__(self, engine: Engine, folder) -> None:
+        self.engine, self.folder, self.on_disk = engine, folder, []
+        self.name, self.model_name = engine.name, engine.model_name
+
+    def generate(self, conversations, params, json_schema=None):
+        return self.engine.generate(conversations, params, json_schema)
+
+    def generate_as_finished(self, conversations, params, json_schema=None):
+        for index, completions in self.engine.generate_as_finished(conversations, params, json_schema):
+            self.on_disk.append(len(list(self.folder.glob("shard-*.parquet"))))
+            yield index, completions
+
+
+def _check_stopping_early_frees_the_engine(engine) -> None:
+    """A caller that stops reading a call's finished requests leaves no request behind in vLLM; the next call runs,
+    and a whole call read as it finishes is the call `generate` returns (same seed: same samples)."""
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=5)
+    stream = engine.generate_as_finished([NUMBER_ONLY] * 4, params)
+    next(stream)
+    stream.close()
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    as_finished = dict(engine.generate_as_finished([NUMBER_ONLY] * 4, params))
+    assert [as_finished[i] for i in range(4)] == engine.generate([NUMBER_ONLY] * 4, params)
 
 
 @pytest.mark.slow
@@ -173,6 +204,7 @@ def test_vllm_engine(tf_engine, spec_dir, tmp_path):
         with pytest.raises(EngineError, match=r"record\.schema: .*pattern"):
             engine.generate([NUMBER_ONLY], SamplingParams(max_tokens=8), json_schema=undecodable)
         _check_joined_calls_resume(engine, spec_dir, tmp_path / "shards")
+        _check_stopping_early_frees_the_engine(engine)
         # the two engines are independent implementations of the same quantity: bf16 vs fp32 agree closely
         vllm_scores = engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)
         tf_scores = tf_engine.sequence_logprobs(NUMBER_ONLY, OPTIONS)

@@ -798,3 +798,24 @@ def test_an_answer_that_cannot_be_used_is_retried_like_a_5xx(fake_servers, caplo
             eng.generate(_conversations(1), SHORT)
     finally:
         eng.close()
+
+
+def test_answers_are_handed_out_as_they_arrive_and_match_generate(fake_servers):
+    server = fake_servers("a", owned_by="vllm")
+    server.slow_marker = "SLOW"
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=[server.url], max_concurrency=6)
+    eng = create_engine(spec, seed=0)
+    conversations = _conversations(6, slow=0)
+    params = SamplingParams(max_tokens=8, n=2)
+    try:
+        order = [index for index, _ in eng.generate_as_finished(conversations, params)]
+        streamed = dict(eng.generate_as_finished(conversations, params))
+        together = eng.generate(conversations, params)
+        stopped = eng.generate_as_finished(conversations, params)
+        next(stopped)
+        stopped.close()  # stopping early cancels what is still out; the engine goes on serving
+        assert len(eng.generate(conversations[:2], params)) == 2
+    finally:
+        eng.close()
+    assert sorted(order) == list(range(6)) and order[-1] == 0 and order[0] != 0  # the slow one last, not first
+    assert [streamed[i] for i in range(6)] == together and _aligned(together, conversations)

@@ -3,6 +3,8 @@ runner gives for the same spec and seed; each worker loads its engine once."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import polars as pl
@@ -14,6 +16,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from polyculture.cli import app
+from polyculture.engines.base import Completion
 from polyculture.flows.build_dataset import build_dataset
 from polyculture.flows.runners import task_runner_for
 from polyculture.preflight import parse_spec
@@ -84,3 +87,57 @@ def test_dask_two_workers_build_the_thread_runners_dataset(spec_dir, tmp_path, p
     loads = ran.filter(pl.col("engine_load_seconds") > 0)
     assert sorted(loads["worker"].to_list()) == sorted(workers)  # ... each loading its engine once, not per shard
     assert threads["usage"]["workers"] == 1 and threads["usage"]["engine_loads"] == 1
+
+
+class _Reversed:
+    """A stand-in engine for the shard loop's plumbing only (the real engines are in test_engines): answers that depend
+    only on the seed and the prompt, handed out last request first; it notes which shard files exist at each one."""
+
+    name, model_name = "reversed", "stand-in"
+
+    def __init__(self, folder: Path, die_after: int | None = None) -> None:
+        self.folder, self.die_after, self.on_disk = folder, die_after, []
+
+    def generate(self, conversations, params, json_schema=None):
+        return [[Completion(json.dumps({"seed": params.seed, "user": c[-1]["content"], "sample": j}), 7, 11, "stop")
+                 for j in range(params.n)] for c in conversations]  # fmt: skip
+
+    def generate_as_finished(self, conversations, params, json_schema=None):
+        outputs = self.generate(conversations, params, json_schema)
+        for handed, index in enumerate(reversed(range(len(conversations)))):
+            if handed == self.die_after:
+                raise RuntimeError("engine died mid-call")
+            time.sleep(0.2)  # the driver thread writes meanwhile
+            self.on_disk.append({int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.parquet")})
+            yield index, outputs[index]
+
+
+def test_thread_runner_writes_each_shard_as_its_own_requests_finish(spec_dir, tmp_path, prefect_server, monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from polyculture.flows import shards as flow_shards
+    from polyculture.flows.common import SharedEngine
+    from polyculture.methods import get_method
+    from polyculture.stages.generate import generate_round, in_process, plan_calls, plan_shards
+    from polyculture.stages.plan import plan
+
+    spec = parse_spec(small_spec_dict(model={"batch_size": 1, "sequences_per_call": 6}), spec_dir)
+    method, cells = get_method(spec.method), plan(spec)
+    folder = tmp_path / "threads"
+    assert [s.index for s in plan_calls(spec, plan_shards(spec, cells, method, folder))[0]] == [0, 1, 2]
+    engine = _Reversed(folder)
+    monkeypatch.setattr(flow_shards, "shared_engine", lambda spec: (SharedEngine(engine, 0.0), False))
+    with ThreadPoolTaskRunner(max_workers=1) as runner:
+        streamed = generate_round(spec, cells, method, folder, flow_shards.prefect_shards(spec, runner))
+    # shard 2 finished first and was on disk before its call handed out request 1, shard 1 before request 0
+    assert engine.on_disk[:3] == [set(), {2}, {1, 2}]
+    alone = generate_round(spec, cells, method, tmp_path / "alone", in_process(spec, _Reversed(tmp_path), method))
+    assert streamed.completions.drop("batch_seconds").equals(alone.completions.drop("batch_seconds"))
+    assert streamed.shard_runs["shard"].to_list() == list(range(len(plan_shards(spec, cells, method, folder))))
+
+    # an engine that dies mid-call fails the loop, after the shard it finished was written
+    dying = _Reversed(tmp_path / "dying", die_after=1)
+    monkeypatch.setattr(flow_shards, "shared_engine", lambda spec: (SharedEngine(dying, 0.0), False))
+    with ThreadPoolTaskRunner(max_workers=1) as runner, pytest.raises(RuntimeError, match="died mid-call"):
+        generate_round(spec, cells, method, tmp_path / "dying", flow_shards.prefect_shards(spec, runner))
+    assert [p.name for p in (tmp_path / "dying").glob("shard-*.parquet")] == ["shard-00002.parquet"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,3 +57,18 @@ class Engine(Protocol):
 
 class EngineError(RuntimeError):
     """An engine that cannot start or run; the message says why."""
+
+
+def completions_as_finished(
+    engine: Engine,
+    conversations: list[Conversation],
+    params: SamplingParams,
+    json_schema: dict[str, Any] | None = None,
+) -> Iterator[tuple[int, list[Completion]]]:
+    """(index, its n completions) for each conversation, as soon as the engine finishes it when it can say so (an
+    engine with `generate_as_finished`: vLLM), else all at the end in order; the same samples either way."""
+    as_finished = getattr(engine, "generate_as_finished", None)
+    if callable(as_finished):
+        yield from as_finished(conversations, params, json_schema)
+    else:
+        yield from enumerate(engine.generate(conversations, params, json_schema=json_schema))

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
 import threading
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -256,6 +257,46 @@ class OpenAIEngine:
         if not conversations:
             return []
         return self._run_on_loop(self._generate_all(conversations, params, json_schema))
+
+    def generate_as_finished(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """(index, its n completions) for each conversation as its answer arrives; all requests go out as in
+        `generate` (up to max_concurrency per server). A failed request fails the call as there, after the answers
+        that came before it were handed out; a caller that stops early cancels the rest."""
+        if not conversations:
+            return
+        arrived: queue.Queue[tuple[int, asyncio.Future[list[Completion]]]] = queue.Queue()
+
+        async def run_all() -> None:
+            tasks = [asyncio.ensure_future(self._generate_one(c, params, json_schema)) for c in conversations]
+            for index, task in enumerate(tasks):  # before gather's own callbacks: a failure is queued first
+                task.add_done_callback(lambda done, index=index: arrived.put((index, done)))
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+        if self._closed:
+            raise EngineError("the openai engine is closed")
+        if threading.current_thread() is self._thread:
+            raise EngineError("the openai engine cannot be called from its own event loop thread")
+        call = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        try:
+            for _ in conversations:
+                index, done = arrived.get()
+                if done.cancelled() or done.exception() is not None:
+                    call.result()  # raises the call's first error (the request that failed, not the cancelled)
+                yield index, done.result()
+            call.result()
+        finally:
+            call.cancel()  # a caller that stopped early: stop the requests still out
 
     def sequence_logprobs(
         self, conversation: Conversation, continuations: list[str], *, mean_per_token: bool = False

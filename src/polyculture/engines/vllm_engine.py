@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -169,8 +170,22 @@ class VLLMEngine:
         params: SamplingParams,
         json_schema: dict[str, Any] | None = None,
     ) -> list[list[Completion]]:
+        results: list[list[Completion]] = [[] for _ in conversations]
+        for index, completions in self.generate_as_finished(conversations, params, json_schema):
+            results[index] = completions
+        return results
+
+    def generate_as_finished(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """(index, its n completions) for each conversation as soon as vLLM finishes it: all of them are queued at
+        once (vLLM batches them continuously), and the caller can write what is done while the rest decode. The same
+        requests and steps as `LLM.chat`, so the same samples."""
         if not conversations:
-            return []
+            return
         sampling: Any = self._params(params, json_schema)
         if params.seed is not None:
             if _per_request_seeds():
@@ -184,22 +199,23 @@ class VLLMEngine:
                 # By name, through the worker extension: works whether the workers are in this process or not.
                 self._isolate_call(json_schema)
                 self.llm.collective_rpc("polyculture_reseed", args=(params.seed,))
-        outputs = self.llm.chat(conversations, sampling, use_tqdm=False, lora_request=self.lora)
-        results: list[list[Completion]] = []
-        for out in outputs:
-            prompt_tokens = len(out.prompt_token_ids or [])
-            results.append(
-                [
-                    Completion(
-                        text=o.text,
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=len(o.token_ids),
-                        finish_reason="length" if o.finish_reason == "length" else "stop",
-                    )
-                    for o in out.outputs
-                ]
-            )
-        return results
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise EngineError("vLLM still holds requests of an earlier call: one call at a time on an engine")
+        added = self.llm.enqueue_chat(conversations, sampling, use_tqdm=False, lora_request=self.lora)
+        # vLLM adds 8 random characters to the id it returns ("12-1a2b3c4d"); outputs carry the id without them.
+        position = {request_id.split("-", 1)[0]: index for index, request_id in enumerate(added)}
+        finished: set[str] = set()
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in position:
+                        finished.add(out.request_id)
+                        yield position[out.request_id], _completions(out)
+        finally:
+            unfinished = [request_id for request_id in added if request_id.split("-", 1)[0] not in finished]
+            if unfinished and engine.has_unfinished_requests():  # the caller stopped early: free the engine
+                engine.abort_request(unfinished, internal=True)
 
     def _isolate_call(self, json_schema: dict[str, Any] | None) -> None:
         """Make the next seeded call a function of its own requests and seed only, not of what ran before it.
@@ -245,6 +261,20 @@ class VLLMEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _completions(out: Any) -> list[Completion]:
+    """A finished vLLM RequestOutput as polyculture Completions."""
+    prompt_tokens = len(out.prompt_token_ids or [])
+    return [
+        Completion(
+            text=o.text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(o.token_ids),
+            finish_reason="length" if o.finish_reason == "length" else "stop",
+        )
+        for o in out.outputs
+    ]
 
 
 def _check_schema_decodable(json_schema: dict[str, Any]) -> None:

@@ -140,7 +140,7 @@ def _replicate(
         return metrics
     progress.report(f"{arm} gen 0 again", 0, 1, "build (seed + 1)")
     data = arm_mapping(base, config.arms[arm]) | {"seed": spec.seed + 1}
-    build = build_step(_with_adapter(spec, data, revalidate=True), data, folder)
+    build = build_step(_with_adapter(spec, data), data, folder)
     tail = steps.Tail(**(steps.read_marker(root / arm / "tail.json") or {}))
     figures = steps.generation_figures(spec, config, build, steps.published_records(spec, build), tail)
     metrics = {"arm": arm, "generation": 0, "replicate": True, "seed": spec.seed + 1, "figures": figures}
@@ -148,12 +148,12 @@ def _replicate(
     return metrics
 
 
-def _with_adapter(spec: BuildSpec, data: dict[str, Any], *, revalidate: bool = False) -> BuildSpec:
-    """The arm's spec for this generation (the adapter, or the replicate's seed, is what changes), preflighted
-    again."""
+def _with_adapter(spec: BuildSpec, data: dict[str, Any]) -> BuildSpec:
+    """The arm's spec for this generation, preflighted again when it differs from the arm's (an adapter, or the
+    replicate's seed)."""
     from polyculture.preflight import preflight
 
-    if not revalidate and not (data.get("model") or {}).get("adapter"):
+    if not (data.get("model") or {}).get("adapter") and data.get("seed", spec.seed) == spec.seed:
         return spec
     return preflight(BuildSpec.model_validate(data), spec.base_dir)
 

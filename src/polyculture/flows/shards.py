@@ -14,10 +14,13 @@ threads, the task runner waits for every started task before the build can exit)
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -30,10 +33,12 @@ from polyculture.flows.common import shared_engine
 from polyculture.methods import get_method
 from polyculture.spec import BuildSpec
 from polyculture.stages.embed import load_embedder, text_key
-from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shards, shard_runs, this_worker
+from polyculture.stages.generate import Shard, ShardRun, ShardRunner, run_shards_as_finished, this_worker
 from polyculture.stages.validate import validate
 
 _stopped_loops: set[str] = set()  # shard loops of this process that ended (a failure, or all done)
+_streams: dict[str, queue.Queue[tuple[str, Any]]] = {}  # a running loop's finished shards and calls, by loop id
+_SHARD, _CALL, _FAILED = "shard", "call", "failed"
 
 
 @dataclass(frozen=True)
@@ -57,52 +62,82 @@ def generate_shard_task(
     spec: BuildSpec, shards: list[Shard], loop_id: str = "", driver: str = ""
 ) -> list[ShardRun] | None:
     """One engine call's shards, on whichever worker the runner picks; None when its loop stopped before the engine
-    was free."""
+    was free. In the driver's own process (threads) each shard goes to the loop's stream as soon as it is done, and
+    the list is empty; elsewhere the call's shards come back together, with their embeddings."""
     started = time.perf_counter()
     if loop_id in _stopped_loops:
         return None
     shared, loaded = shared_engine(spec)
+    load = shared.load_seconds if loaded else 0.0
+    stream = _streams.get(loop_id) if driver == this_worker() else None
+    runs: dict[int, ShardRun] = {}
     with shared.lock:
         if loop_id in _stopped_loops:
             return None
+        waited = time.perf_counter() - started  # engine load and the wait for the engine: counted on the first shard
         try:
-            frames = run_shards(spec, shards, shared.engine, get_method(spec.method))
+            for position, (shard, frame, seconds) in enumerate(
+                run_shards_as_finished(spec, shards, shared.engine, get_method(spec.method))
+            ):
+                first = position == 0
+                ran = ShardRun(frame, this_worker(), load if first else 0.0, seconds + (waited if first else 0.0))
+                if stream is not None:
+                    stream.put((_SHARD, (shard, ran)))
+                else:
+                    runs[shard.index] = ran
         except BaseException:
             _stopped_loops.add(loop_id)  # before the lock goes: the next shard waiting for it must not start
             raise
-    load = shared.load_seconds if loaded else 0.0
-    runs = [ran for _, ran in shard_runs(shards, frames, time.perf_counter() - started, load)]
-    if not runs or runs[0].worker == driver:
-        return runs
+    ordered = [runs[shard.index] for shard in shards if shard.index in runs]
+    if not ordered or ordered[0].worker == driver:
+        return ordered
     embedded: list[ShardRun] = []
-    for ran in runs:  # the engine is free: the next call generates while this one's texts are embedded
+    for ran in ordered:  # the engine is free: the next call generates while this one's texts are embedded
         keys, vectors = embed_shard(spec, ran.completions)
         embedded.append(EmbeddedShardRun(**vars(ran), keys=keys, vectors=vectors))
     return embedded
 
 
 def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
-    """A ShardRunner that submits every engine call at once to `task_runner` and yields each call's shards as it
-    completes."""
+    """A ShardRunner that submits every engine call at once to `task_runner` and yields each shard as it is done: as
+    soon as its own requests finish when the call runs on a thread of this process, else when its call comes back."""
 
     def run(calls: list[list[Shard]]) -> Iterator[tuple[Shard, ShardRun]]:
         loop_id, driver = uuid.uuid4().hex, this_worker()
+        stream: queue.Queue[tuple[str, Any]] = queue.Queue()
+        _streams[loop_id] = stream
         futures = {
             task_runner.submit(
                 generate_shard_task, parameters={"spec": spec, "shards": c, "loop_id": loop_id, "driver": driver}
             ): c
             for c in calls
         }
+
+        def watch() -> None:  # a call's shards are in the stream before its future completes: FIFO keeps that order
+            try:
+                for future in as_completed(list(futures)):
+                    stream.put((_CALL, future))
+            except BaseException as exc:  # e.g. a runner that lost its workers: the loop fails with it
+                stream.put((_FAILED, exc))
+
+        threading.Thread(target=watch, name=f"shards-{loop_id[:8]}", daemon=True).start()
         try:
-            for future in as_completed(list(futures)):
-                runs = future.result()
-                if runs is None:  # a call of this loop failed first, and the build fails with it
-                    continue
-                for shard, ran in zip(futures[future], runs, strict=True):
-                    if isinstance(ran, EmbeddedShardRun) and ran.vectors is not None:
-                        load_embedder(spec.dedup.embedding_model, spec.base_dir).remember(ran.keys, ran.vectors)
-                    yield shard, ran
+            calls_done = 0
+            while calls_done < len(futures):
+                kind, item = stream.get()
+                if kind == _SHARD:
+                    yield item
+                elif kind == _FAILED:
+                    raise item
+                else:
+                    calls_done += 1
+                    runs = item.result()  # a failed call raises here, and the build fails with it
+                    for shard, ran in zip(futures[item], runs or [], strict=False):
+                        if isinstance(ran, EmbeddedShardRun) and ran.vectors is not None:
+                            load_embedder(spec.dedup.embedding_model, spec.base_dir).remember(ran.keys, ran.vectors)
+                        yield shard, ran
         finally:
             _stopped_loops.add(loop_id)
+            _streams.pop(loop_id, None)
 
     return run

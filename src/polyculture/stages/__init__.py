@@ -20,7 +20,8 @@ completions (generate) call_id: str ("c{cell}-p{prompt}-s{sample}", plus "-t{tur
                      messages sent for this completion: for turn t > 0 the earlier turns, each previous answer as an
                      assistant message, and the method's follow-up), completion: str, prompt_tokens: i64,
                      completion_tokens: i64, finish_reason: str, method: str, model: str, engine: str, shard: i64,
-                     batch_seconds: f64 (engine time of the whole shard, all turns; sum it once per shard).
+                     batch_seconds: f64 (the shard's part of its engine call's time, all turns: the time since
+                     the call's previous shard came back; sum it once per shard).
                      One row per completion; a multi-turn thread is the rows sharing cell_id, prompt_index and
                      sample_index, ordered by turn.
 records (validate)   record_id: str (call_id + "-" + item_index), call_id: str, cell_id: i64, cell_key: str,

@@ -6,7 +6,9 @@ still missing a shard to a runner.
 A seeded call is a function of its shards and its seed (its first shard's): which shards share a call is fixed by the
 plan, so a call regenerated after a crash writes the very shards an uninterrupted run writes (vLLM on CPU draws every
 request from one seeded stream, so a shard's samples depend on the call it ran in: the call, not the shard, is what
-must be rerun whole).
+must be rerun whole). Within a call each shard comes back as soon as its own requests finish (vLLM reports requests
+as they finish: `completions_as_finished`), so it is written, and counted in the progress, while the rest of its call
+still decodes.
 
 Size: shards, calls, shard files and the loop stay in one module: together they decide what a resumed run regenerates.
 
@@ -19,6 +21,7 @@ and all turns of a batch go into the batch's one shard, so resume stays per batc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -32,7 +35,7 @@ from typing import Any
 import polars as pl
 
 from polyculture import progress
-from polyculture.engines.base import Conversation, Engine, SamplingParams
+from polyculture.engines.base import Conversation, Engine, SamplingParams, completions_as_finished
 from polyculture.methods.base import Method
 from polyculture.runs.files import DamagedFile, read_parquet_checked, write_parquet_checked
 from polyculture.spec import BuildSpec
@@ -171,31 +174,71 @@ def run_shard(spec: BuildSpec, shard: Shard, engine: Engine, method: Method) -> 
 
 
 def run_shards(spec: BuildSpec, shards: list[Shard], engine: Engine, method: Method) -> list[pl.DataFrame]:
-    """The completions of shards sampled in one engine call (one call per turn) from the first shard's seeds, split
-    back per shard; writes nothing (a remote worker needs no shared disk)."""
+    """The completions of shards sampled in one engine call, per shard in shard order (see `run_shards_as_finished`)."""
+    frames = {shard.index: frame for shard, frame, _ in run_shards_as_finished(spec, shards, engine, method)}
+    return [frames[shard.index] for shard in shards]
+
+
+def run_shards_as_finished(
+    spec: BuildSpec, shards: list[Shard], engine: Engine, method: Method
+) -> Iterator[tuple[Shard, pl.DataFrame, float]]:
+    """The completions of shards sampled in one engine call (one call per turn) from the first shard's seeds, each
+    shard with its seconds as soon as all its completions are in: with a single-turn method on an engine that reports
+    requests as they finish (vLLM), while the rest of the call still decodes, so the caller writes it without idling
+    the engine. A shard's seconds are the call's time since the previous shard came back (they sum to the call's
+    time; all turns of a multi-turn call end together and share it by prompts). Writes nothing (a remote worker needs
+    no shared disk)."""
     params = SamplingParams(
         temperature=spec.sampling.temperature,
         top_p=spec.sampling.top_p,
         max_tokens=spec.sampling.max_tokens,
         n=spec.sampling.n,
     )
+    schemas = response_schemas(spec, method)
     requests = [request for shard in shards for request in shard.requests]
     started = time.perf_counter()
-    rows = _run_batch(spec, requests, engine, method, response_schemas(spec, method), params, shards[0].seeds)
-    seconds = time.perf_counter() - started
-    shard_of = {(r.cell_id, r.prompt_index): shard.index for shard in shards for r in shard.requests}
-    frame = _completions_frame(rows, spec)
-    frame = frame.with_columns(
-        pl.Series("shard", [shard_of[(row["cell_id"], row["prompt_index"])] for row in rows], dtype=pl.Int64)
-    )
-    total = sum(shard.prompts for shard in shards)
-    # The call's time (all turns) shared by prompts, repeated on each of a shard's rows: sum it once per shard.
-    return [
-        frame.filter(pl.col("shard") == shard.index)
-        .with_columns(pl.lit(seconds * shard.prompts / total, dtype=pl.Float64).alias("batch_seconds"))
+    if len(schemas) > 1:  # later turns continue every thread of the first: the call ends as a whole
+        rows = _run_batch(spec, requests, engine, method, schemas, params, shards[0].seeds)
+        seconds = time.perf_counter() - started
+        shard_of = {(r.cell_id, r.prompt_index): shard.index for shard in shards for r in shard.requests}
+        for shard in shards:
+            share = seconds * shard.prompts / len(requests)
+            own = [row for row in rows if shard_of[(row["cell_id"], row["prompt_index"])] == shard.index]
+            yield shard, _shard_frame(spec, shard, own, share), share
+        return
+    conversations = [method.conversation(r.user, r.system) for r in requests]
+    shard_at = [shard for shard in shards for _ in shard.requests]
+    offset = dict(zip([s.index for s in shards], itertools.accumulate([0] + [s.prompts for s in shards]), strict=False))
+    waiting = {shard.index: shard.prompts for shard in shards}
+    rows_at: dict[int, list[dict[str, Any]]] = {}
+    last = started
+    first_call = replace(params, seed=shards[0].seeds[0])
+    for index, completions in completions_as_finished(engine, conversations, first_call, schemas[0]):
+        request = requests[index]
+        rows_at[index] = [
+            _row(spec, engine, method, _Thread(request, sample, conversations[index], c.text), 0, 1, c)
+            for sample, c in enumerate(completions)
+        ]
+        shard = shard_at[index]
+        waiting[shard.index] -= 1
+        if waiting[shard.index] == 0:
+            first = offset[shard.index]
+            rows = [row for at in range(first, first + shard.prompts) for row in rows_at.pop(at)]
+            now = time.perf_counter()
+            yield shard, _shard_frame(spec, shard, rows, now - last), now - last
+            last = now
+
+
+def _shard_frame(spec: BuildSpec, shard: Shard, rows: list[dict[str, Any]], seconds: float) -> pl.DataFrame:
+    """A shard's rows as its frame; its seconds repeated on each row (`batch_seconds`: sum it once per shard)."""
+    return (
+        _completions_frame(rows, spec)
+        .with_columns(
+            pl.lit(shard.index, dtype=pl.Int64).alias("shard"),
+            pl.lit(seconds, dtype=pl.Float64).alias("batch_seconds"),
+        )
         .select(_column_order(spec))
-        for shard in shards
-    ]
+    )
 
 
 def concat_shards(spec: BuildSpec, frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -217,7 +260,8 @@ class ShardRun:
 
 
 # Runs the engine calls it is given (each a list of shards sampled together: `plan_calls`), in this process or as tasks
-# on threads, Dask or Ray workers, and yields each shard with its ShardRun as its call finishes, in any order.
+# on threads, Dask or Ray workers, and yields each shard with its ShardRun as soon as it is done (its own requests
+# finished, where the engine and the runner can tell; else with its whole call), in any order.
 ShardRunner = Callable[[list[list[Shard]]], Iterable[tuple[Shard, ShardRun]]]
 
 SHARD_RUNS_SCHEMA = {
@@ -235,21 +279,10 @@ def in_process(spec: BuildSpec, engine: Engine, method: Method) -> ShardRunner:
 
     def run(calls: list[list[Shard]]) -> Iterator[tuple[Shard, ShardRun]]:
         for call in calls:
-            started = time.perf_counter()
-            frames = run_shards(spec, call, engine, method)
-            yield from shard_runs(call, frames, time.perf_counter() - started, 0.0)
+            for shard, frame, seconds in run_shards_as_finished(spec, call, engine, method):
+                yield shard, ShardRun(frame, this_worker(), 0.0, seconds)  # written while the call goes on
 
     return run
-
-
-def shard_runs(
-    call: list[Shard], frames: list[pl.DataFrame], seconds: float, engine_load_seconds: float
-) -> Iterator[tuple[Shard, ShardRun]]:
-    """A call's shards with their ShardRuns: its time shared by prompts, an engine load counted on its first shard."""
-    total = sum(shard.prompts for shard in call)
-    for position, (shard, frame) in enumerate(zip(call, frames, strict=True)):
-        load = engine_load_seconds if position == 0 else 0.0
-        yield shard, ShardRun(frame, this_worker(), load, (seconds - engine_load_seconds) * shard.prompts / total + load)
 
 
 @dataclass(frozen=True)
@@ -277,7 +310,8 @@ def generate_round(
 ) -> GeneratedRound:
     """The one shard loop: every shard of the plan, finished ones read back from shard_dir (resume after a crash),
     the engine calls still missing a shard handed to `runner` (whole: a call is the unit of sampling), and each
-    missing shard written as its call comes back (a shard already on disk is not written again). A shard file that cannot be trusted (see
+    missing shard written as it comes back (on vLLM in this process: as soon as its own requests finish, while the
+    rest of its call decodes) (a shard already on disk is not written again). A shard file that cannot be trusted (see
     `read_shard`) is set aside, reported, and generated again from its own seeds like a missing one.
 
     `on_progress(done_prompts, total_prompts)` is called once for the shards found on disk, then after each shard
