@@ -69,7 +69,7 @@ def generate_shard_task(
         return None
     shared, loaded = shared_engine(spec)
     load = shared.load_seconds if loaded else 0.0
-    stream = _streams.get(loop_id) if driver == this_worker() else None
+    stream = _driver_stream(loop_id, driver)
     runs: dict[int, ShardRun] = {}
     with shared.lock:
         if loop_id in _stopped_loops:
@@ -96,6 +96,12 @@ def generate_shard_task(
         keys, vectors = embed_shard(spec, ran.completions)
         embedded.append(EmbeddedShardRun(**vars(ran), keys=keys, vectors=vectors))
     return embedded
+
+
+def _driver_stream(loop_id: str, driver: str) -> queue.Queue[tuple[str, Any]] | None:
+    """The loop's queue when this task runs in the driver's own process, else None. A function of its own: Dask
+    pickles the task's function by value with the globals it names, and a queue (its lock) cannot be pickled."""
+    return _streams.get(loop_id) if driver == this_worker() else None
 
 
 def prefect_shards(spec: BuildSpec, task_runner: TaskRunner) -> ShardRunner:
