@@ -32,6 +32,7 @@ runs an event loop of its own (Prefect runs tasks in worker threads; notebooks a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import queue
 import re
@@ -136,15 +137,19 @@ class OpenAIEngine:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    def _run_on_loop(self, coro: Awaitable[T]) -> T:
-        """Run a coroutine on the private loop and wait for it, from any thread but the loop's own."""
-        if self._closed:
+    def _submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the private loop, from any thread but the loop's own."""
+        if self._closed or threading.current_thread() is self._thread:
             if asyncio.iscoroutine(coro):
                 coro.close()
-            raise EngineError("the openai engine is closed")
-        if threading.current_thread() is self._thread:
+            if self._closed:
+                raise EngineError("the openai engine is closed")
             raise EngineError("the openai engine cannot be called from its own event loop thread")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+
+    def _run_on_loop(self, coro: Awaitable[T]) -> T:
+        """Run a coroutine on the private loop and wait for it, from any thread but the loop's own."""
+        future = self._submit(coro)
         try:
             return future.result()
         except BaseException:
@@ -236,27 +241,16 @@ class OpenAIEngine:
             for text, count, choice in zip(texts, counts, choices, strict=True)
         ]
 
-    async def _generate_all(
-        self, conversations: list[Conversation], params: SamplingParams, json_schema: dict[str, Any] | None
-    ) -> list[list[Completion]]:
-        tasks = [asyncio.ensure_future(self._generate_one(c, params, json_schema)) for c in conversations]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     def generate(
         self,
         conversations: list[Conversation],
         params: SamplingParams,
         json_schema: dict[str, Any] | None = None,
     ) -> list[list[Completion]]:
-        if not conversations:
-            return []
-        return self._run_on_loop(self._generate_all(conversations, params, json_schema))
+        results: list[list[Completion]] = [[] for _ in conversations]
+        for index, completions in self.generate_as_finished(conversations, params, json_schema):
+            results[index] = completions
+        return results
 
     def generate_as_finished(
         self,
@@ -283,11 +277,7 @@ class OpenAIEngine:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
 
-        if self._closed:
-            raise EngineError("the openai engine is closed")
-        if threading.current_thread() is self._thread:
-            raise EngineError("the openai engine cannot be called from its own event loop thread")
-        call = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        call = self._submit(run_all())
         try:
             for _ in conversations:
                 index, done = arrived.get()
