@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,3 +72,11 @@ def completions_as_finished(
         yield from as_finished(conversations, params, json_schema)
     else:
         yield from enumerate(engine.generate(conversations, params, json_schema=json_schema))
+
+
+def in_order(finished: Iterable[tuple[int, list[Completion]]], count: int) -> list[list[Completion]]:
+    """Completions handed back as they finished (index, completions), put back in the conversations' order."""
+    results: list[list[Completion]] = [[] for _ in range(count)]
+    for index, completions in finished:
+        results[index] = completions
+    return results

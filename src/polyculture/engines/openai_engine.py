@@ -47,6 +47,7 @@ from polyculture.engines.base import (
     Conversation,
     EngineError,
     SamplingParams,
+    in_order,
 )
 from polyculture.engines.server_pool import Server, ServerPool
 
@@ -247,10 +248,7 @@ class OpenAIEngine:
         params: SamplingParams,
         json_schema: dict[str, Any] | None = None,
     ) -> list[list[Completion]]:
-        results: list[list[Completion]] = [[] for _ in conversations]
-        for index, completions in self.generate_as_finished(conversations, params, json_schema):
-            results[index] = completions
-        return results
+        return in_order(self.generate_as_finished(conversations, params, json_schema), len(conversations))
 
     def generate_as_finished(
         self,

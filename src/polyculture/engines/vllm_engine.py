@@ -33,6 +33,7 @@ from polyculture.engines.base import (
     Conversation,
     EngineError,
     SamplingParams,
+    in_order,
 )
 from polyculture.engines.chat_tokens import TokenizationMismatch, answer_tokens
 from polyculture.engines.model_files import ModelUnavailable, ResolvedModel, adapter_info, cache_root
@@ -170,10 +171,7 @@ class VLLMEngine:
         params: SamplingParams,
         json_schema: dict[str, Any] | None = None,
     ) -> list[list[Completion]]:
-        results: list[list[Completion]] = [[] for _ in conversations]
-        for index, completions in self.generate_as_finished(conversations, params, json_schema):
-            results[index] = completions
-        return results
+        return in_order(self.generate_as_finished(conversations, params, json_schema), len(conversations))
 
     def generate_as_finished(
         self,
