@@ -21,7 +21,6 @@ and all turns of a batch go into the batch's one shard, so resume stays per batc
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import socket
@@ -207,8 +206,11 @@ def run_shards_as_finished(
             yield shard, _shard_frame(spec, shard, own, share), share
         return
     conversations = [method.conversation(r.user, r.system) for r in requests]
-    shard_at = [shard for shard in shards for _ in shard.requests]
-    offset = dict(zip([s.index for s in shards], itertools.accumulate([0] + [s.prompts for s in shards]), strict=False))
+    shard_at: list[Shard] = []  # the shard of each request of the call
+    offset: dict[int, int] = {}  # where each shard's requests start
+    for shard in shards:
+        offset[shard.index] = len(shard_at)
+        shard_at += [shard] * shard.prompts
     waiting = {shard.index: shard.prompts for shard in shards}
     rows_at: dict[int, list[dict[str, Any]]] = {}
     last = started
@@ -311,7 +313,7 @@ def generate_round(
     """The one shard loop: every shard of the plan, finished ones read back from shard_dir (resume after a crash),
     the engine calls still missing a shard handed to `runner` (whole: a call is the unit of sampling), and each
     missing shard written as it comes back (on vLLM in this process: as soon as its own requests finish, while the
-    rest of its call decodes) (a shard already on disk is not written again). A shard file that cannot be trusted (see
+    rest of its call decodes); a shard already on disk is not written again. A shard file that cannot be trusted (see
     `read_shard`) is set aside, reported, and generated again from its own seeds like a missing one.
 
     `on_progress(done_prompts, total_prompts)` is called once for the shards found on disk, then after each shard
